@@ -1,0 +1,44 @@
+# Two commands: `make demo` and `make test`. Both create or refresh .venv idempotently.
+# The CPU install path pins torch 2.13.0 (the CPU wheel) via constraints-cpu.txt so pip never pulls CUDA builds.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gr-installed
+APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libosmesa6 libglfw3
+PYTEST_ARGS ?=
+
+.PHONY: all install apt demo test clean-venv
+
+all: test
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "[make] installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml constraints-cpu.txt tools/torchvision_cpu_shim.py | apt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints-cpu.txt torch==2.13.0 torchvision==0.28.0
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps taming-transformers-rom1504==0.0.6
+	@site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	cp tools/torchvision_cpu_shim.py $$site/_gr_torchvision_cpu_shim.py; \
+	echo "import _gr_torchvision_cpu_shim; _gr_torchvision_cpu_shim.install()" > $$site/_gr_torchvision_cpu_shim.pth
+	$(BIN)/python -c "import lightning, open_clip, taming.modules.diffusionmodules.model, decord, webdataset; print('[make] environment ok')"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python -m gr.demo --out outputs/demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""gr: GR-2-style video-generative robot policies."""

@@ -1,0 +1,195 @@
+"""Dataclass configs, one per component. Defaults and validation live here; YAML only overrides them.
+
+Each component receives its own sub-config. The model's `ClipSpec` states what data it needs, and the data
+pipeline derives its clips from it, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, TypeVar
+
+T = TypeVar("T")
+
+# Trunk presets: GR-2's scaling family S/B/L/XL = 30M / 95M / 312M / 719M trainable parameters.
+# Counted at the reference setting (1024 codes, 16x16 grid, 512-d text features); see tests/test_model.py.
+PRESETS: dict[str, dict[str, int]] = {
+    "S": dict(num_layers=12, num_heads=7, width=448),
+    "B": dict(num_layers=13, num_heads=12, width=768),
+    "L": dict(num_layers=24, num_heads=16, width=1024),
+    "XL": dict(num_layers=36, num_heads=20, width=1280),
+}
+PRESET_TARGETS = {"S": 30e6, "B": 95e6, "L": 312e6, "XL": 719e6}
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config value; the message names the field."""
+
+
+def as_config(cls: type[T], value: Any, where: str) -> T:
+    """Accept a dataclass instance or a plain dict (as stored in checkpoints) and return an instance of `cls`."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+        return cls(**value)
+    raise ConfigError(f"{where}: expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+def _require(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def check_local_file(path: Optional[str], where: str) -> None:
+    """Raise a ValueError naming the config field when a configured local file does not exist."""
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: file not found: {path!r}")
+
+
+@dataclass
+class ClipSpec:
+    """What the model sees of a video: `num_history` context frames, then one future frame to predict."""
+
+    num_history: int = 2  # context frames o_{t-h+1..t}
+    future_frame_offset: int = 1  # the predicted frame is o_{t+offset}, in frames at `fps`
+    fps: float = 4.0  # frames are sampled from the source video at this rate
+    image_size: int = 64  # square frames, pixels (short side resized, then centre-cropped)
+
+    def __post_init__(self) -> None:
+        _require(self.num_history >= 1, "clip.num_history", f"must be >= 1, got {self.num_history}")
+        _require(self.future_frame_offset >= 1, "clip.future_frame_offset", "must be >= 1")
+        _require(self.fps > 0, "clip.fps", f"must be > 0, got {self.fps}")
+        _require(self.image_size >= 8, "clip.image_size", f"must be >= 8, got {self.image_size}")
+
+    @property
+    def frame_offsets(self) -> list[int]:
+        """Frame indices (at `fps`) of the history frames followed by the future frame."""
+        last = self.num_history - 1
+        return list(range(self.num_history)) + [last + self.future_frame_offset]
+
+    @property
+    def span(self) -> int:
+        """Number of frames at `fps` that one clip covers."""
+        return self.frame_offsets[-1] + 1
+
+
+@dataclass
+class TrunkConfig:
+    """The GPT trunk. Give `preset` (S/B/L/XL) or all of num_layers/num_heads/width."""
+
+    preset: Optional[str] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    width: Optional[int] = None
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    attention: str = "sdpa"  # "sdpa" (torch scaled_dot_product_attention) or "xformers"
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            _require(self.preset in PRESETS, "trunk.preset", f"unknown preset {self.preset!r}; use {list(PRESETS)}")
+            for key, val in PRESETS[self.preset].items():
+                if getattr(self, key) is None:
+                    setattr(self, key, val)
+        for key in ("num_layers", "num_heads", "width"):
+            val = getattr(self, key)
+            _require(isinstance(val, int) and val > 0, f"trunk.{key}", f"must be a positive int (or set preset), got {val!r}")
+        _require(self.width % self.num_heads == 0, "trunk.width", f"{self.width} not divisible by num_heads {self.num_heads}")
+        _require(self.attention in ("sdpa", "xformers"), "trunk.attention", f"must be 'sdpa' or 'xformers', got {self.attention!r}")
+        _require(0.0 <= self.dropout < 1.0, "trunk.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class GRModelConfig:
+    """The GR model: trunk plus embeddings and heads, and the clip it consumes."""
+
+    trunk: TrunkConfig = field(default_factory=lambda: TrunkConfig(preset="B"))
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    max_text_tokens: int = 32  # CLIP tokens kept (padding is masked out of attention)
+
+    def __post_init__(self) -> None:
+        self.trunk = as_config(TrunkConfig, self.trunk, "model.trunk")
+        self.clip = as_config(ClipSpec, self.clip, "model.clip")
+        _require(1 <= self.max_text_tokens <= 77, "model.max_text_tokens", "must be in [1, 77]")
+
+
+@dataclass
+class TextEncoderConfig:
+    """Frozen open_clip text tower."""
+
+    model_name: str = "ViT-S-32-alt"  # any open_clip model name
+    pretrained: Optional[str] = None  # local .bin/.pt/.safetensors; None = random weights (warned)
+    random_init_seed: int = 0  # makes random weights reproducible, so a checkpoint can refer to them
+    cache_size: int = 100_000  # per-caption feature cache entries
+
+    def __post_init__(self) -> None:
+        check_local_file(self.pretrained, "text_encoder.pretrained")
+        import open_clip  # deferred: heavy import
+
+        _require(
+            self.model_name in open_clip.list_models(),
+            "text_encoder.model_name",
+            f"unknown open_clip model {self.model_name!r}; see open_clip.list_models()",
+        )
+
+
+@dataclass
+class ImageTokenizerConfig:
+    """Frozen VQGAN in the taming-transformers format.
+
+    With `checkpoint` (+ `yaml`) the architecture comes from the taming yaml. Without it the architecture fields below
+    are used with seeded random weights (tests and the demo before a tokenizer is trained).
+    """
+
+    checkpoint: Optional[str] = None  # taming .ckpt (a dict with "state_dict") or .safetensors
+    yaml: Optional[str] = None  # taming model yaml (model.params.{ddconfig, n_embed, embed_dim})
+    allow_pickle: bool = False  # public taming .ckpt files hold pickled Lightning objects; opt in to load them
+    random_init_seed: int = 0
+    codebook_size: int = 1024  # n_embed
+    embed_dim: int = 64
+    ch: int = 32
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    num_res_blocks: int = 1
+    attn_resolutions: list[int] = field(default_factory=list)
+    z_channels: int = 64
+    resolution: int = 64
+
+    def __post_init__(self) -> None:
+        check_local_file(self.checkpoint, "image_tokenizer.checkpoint")
+        check_local_file(self.yaml, "image_tokenizer.yaml")
+        _require(self.codebook_size >= 2, "image_tokenizer.codebook_size", "must be >= 2")
+        _require(len(self.ch_mult) >= 1, "image_tokenizer.ch_mult", "must not be empty")
+        # taming's GroupNorm uses 32 groups, so every channel count must be a multiple of 32.
+        _require(self.ch % 32 == 0 and self.z_channels % 32 == 0, "image_tokenizer.ch",
+                 f"ch ({self.ch}) and z_channels ({self.z_channels}) must be multiples of 32")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup + cosine decay. No weight decay on norms, biases and embeddings."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 1000
+    total_steps: Optional[int] = None  # None: trainer.max_steps / estimated stepping batches
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")

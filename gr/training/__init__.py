@@ -1,0 +1,1 @@
+"""LightningModules, losses, optimizer groups, checkpoint I/O and training callbacks."""

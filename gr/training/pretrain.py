@@ -1,0 +1,151 @@
+"""Video pretraining: cross-entropy on the future frame's VQGAN tokens, given a caption and history frames."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gr.config import ClipSpec, GRModelConfig, ImageTokenizerConfig, OptimConfig, TextEncoderConfig, as_config
+from gr.encoders import FrozenTextEncoder, FrozenVQGAN
+from gr.model import GRModel
+from gr.training.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+FROZEN_PREFIXES = ("text_encoder.", "image_tokenizer.")
+
+
+class PretrainModule(L.LightningModule):
+    """Text + history frames -> future frame tokens.
+
+    The frozen encoders are rebuilt from their configs (a local weights path, or architecture + seed for random
+    weights): they are never in the optimizer and never in checkpoints.
+
+    Args:
+        model: GR model config (trunk, clip spec, text token budget).
+        text_encoder: frozen open_clip text tower config.
+        image_tokenizer: frozen taming-format VQGAN config.
+        optim: AdamW + warmup/cosine config.
+    """
+
+    def __init__(self, model: GRModelConfig, text_encoder: TextEncoderConfig,
+                 image_tokenizer: ImageTokenizerConfig, optim: Optional[OptimConfig] = None):
+        super().__init__()
+        model = as_config(GRModelConfig, model, "model")
+        text_encoder = as_config(TextEncoderConfig, text_encoder, "text_encoder")
+        image_tokenizer = as_config(ImageTokenizerConfig, image_tokenizer, "image_tokenizer")
+        optim = as_config(OptimConfig, optim or {}, "optim")
+        # Plain dicts only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({"model": dataclasses.asdict(model), "text_encoder": dataclasses.asdict(text_encoder),
+                                   "image_tokenizer": dataclasses.asdict(image_tokenizer),
+                                   "optim": dataclasses.asdict(optim)})
+        self.model_cfg, self.optim_cfg = model, optim
+        self.text_encoder = FrozenTextEncoder(text_encoder, max_tokens=model.max_text_tokens)
+        self.image_tokenizer = FrozenVQGAN(image_tokenizer)
+        grid = self.image_tokenizer.grid_size(model.clip.image_size)
+        self.model = GRModel(model, self.image_tokenizer.codebook_size, grid, self.text_encoder.feature_dim)
+        self._skipped_total = 0
+
+    @property
+    def clip_spec(self) -> ClipSpec:
+        return self.model_cfg.clip
+
+    # ---- checkpoints: frozen encoders are loaded by reference, RNG state travels with the run ----
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        for key in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+            del sd[key]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIXES)]
+        if strict and (missing or result.unexpected_keys):
+            bad = missing[:1] or result.unexpected_keys[:1]
+            raise ValueError(f"checkpoint does not fit the model: first bad key {bad[0]!r} "
+                             f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
+        return result
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": _np_state_to_tensors(),
+                                    "python": torch.tensor(list(_py_state_ints()), dtype=torch.int64)}
+        checkpoint["data_skipped_total"] = self._skipped_total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng_states")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            _np_state_from_tensors(rng["numpy"])
+            _py_state_from_ints(rng["python"].tolist())
+        self._skipped_total = int(checkpoint.get("data_skipped_total", 0))
+
+    # ---- steps ----
+    def tokenize(self, batch: dict[str, Any]):
+        frames = batch["frames"]  # (B, Tc, S, S, 3) uint8, Tc = num_history + 1
+        codes = self.image_tokenizer.encode(frames)  # (B, Tc, h, w)
+        text, text_mask = self.text_encoder(batch["caption"])
+        return codes[:, :-1], codes[:, -1], text, text_mask
+
+    def _loss(self, batch: dict[str, Any]):
+        history, future, text, text_mask = self.tokenize(batch)
+        logits = self.model(text, text_mask, history, future)  # (B, n, V)
+        target = future.reshape(future.shape[0], -1)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+        return loss, logits, target
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        loss, _, _ = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}; "
+                                     f"batch keys: {batch['key']}")
+        self._skipped_total += int(batch["num_skipped"])
+        bs = len(batch["caption"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("data/skipped_total", float(self._skipped_total), batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int):
+        loss, logits, target = self._loss(batch)
+        acc = (logits.argmax(-1) == target).float().mean()
+        bs = len(batch["caption"])
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/token_acc", acc, prog_bar=True, batch_size=bs, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        total = self.optim_cfg.total_steps or self.trainer.max_steps
+        if total is None or total <= 0:
+            est = self.trainer.estimated_stepping_batches
+            if not np.isfinite(est):
+                raise ValueError("optim.total_steps: set it or trainer.max_steps (streaming data has no length)")
+            total = int(est)
+        opt, sched = build_optimizer(self.model, self.optim_cfg, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _np_state_to_tensors() -> dict[str, torch.Tensor]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)),
+            "rest": torch.tensor([pos, has_gauss], dtype=torch.int64), "cached": torch.tensor(cached)}
+
+
+def _np_state_from_tensors(s: dict[str, torch.Tensor]) -> None:
+    pos, has_gauss = s["rest"].tolist()
+    np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), pos, has_gauss, float(s["cached"])))
+
+
+def _py_state_ints() -> list[int]:
+    version, internal, gauss = random.getstate()
+    return [version, *internal, 0 if gauss is None else 1]
+
+
+def _py_state_from_ints(vals: list[int]) -> None:
+    version, internal = vals[0], tuple(vals[1:-1])
+    random.setstate((version, internal, None))
