@@ -1,0 +1,65 @@
+"""Shared tiny fixtures: 32 px synthetic shards, tiny model/encoder configs, a YAML writer for CLI runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_TOKENIZER = dict(codebook_size=64, embed_dim=32, ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=1,
+                      z_channels=32, resolution=32)  # 32 px -> 4x4 codes
+TINY_MODEL = dict(trunk=dict(num_layers=2, num_heads=2, width=32), max_text_tokens=8,
+                  clip=dict(num_history=2, future_frame_offset=1, fps=8.0, image_size=32))
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """48 train + 16 val clips at 32 px, 8 clips per shard. Returns make_synthetic_video's summary dict."""
+    from data_prep.make_synthetic_video import main
+
+    out = tmp_path_factory.mktemp("synthetic")
+    return main(["--out", str(out), "--num-train", "48", "--num-val", "16", "--size", "32", "--num-frames", "8",
+                 "--per-shard", "8"])
+
+
+def module_init_args(**overrides) -> dict:
+    args = {"model": TINY_MODEL, "text_encoder": {"model_name": "ViT-S-32-alt"},
+            "image_tokenizer": TINY_TOKENIZER, "optim": {"lr": 3e-3, "warmup_steps": 2, "total_steps": 40}}
+    args.update(overrides)
+    return args
+
+
+def write_config(path, shards: dict, root: str, max_steps: int = 10, every_n_steps: int = 5, num_workers: int = 0,
+                 logger=False, val: bool = True, optim: dict | None = None) -> str:
+    """A tiny fit config for the LightningCLI (same structure as configs/demo/pretrain.yaml)."""
+    init = module_init_args()
+    if optim:
+        init["optim"] = optim
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "default_root_dir": root,
+                    "logger": logger, "enable_progress_bar": False, "enable_model_summary": False,
+                    "limit_val_batches": 2 if val else 0, "val_check_interval": max_steps,
+                    "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
+                    "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"dirpath": os.path.join(root, "checkpoints"), "filename": "step{step:06d}",
+                                       "auto_insert_metric_name": False, "every_n_train_steps": every_n_steps,
+                                       "save_top_k": -1, "save_last": True}},
+                        {"class_path": "gr.training.callbacks.RunSummary"}]},
+        "model": {"class_path": "gr.training.pretrain.PretrainModule", "init_args": init},
+        "data": {"class_path": "gr.data.datamodule.VideoDataModule",
+                 "init_args": {"train_shards": shards["train_shards"],
+                               "val_shards": shards["val_shards"] if val else None,
+                               "batch_size": 4, "num_workers": num_workers, "shuffle_buffer": 16}},
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)

@@ -1,0 +1,113 @@
+"""Pretraining: optimizer groups, a tiny fit, checkpoint contents, non-finite loss, SIGKILL + resume equality."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gr.training.optim import param_groups, warmup_cosine
+from gr.training.pretrain import PretrainModule
+from tests.conftest import REPO, module_init_args, write_config
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    return PretrainModule(**module_init_args())
+
+
+def test_optimizer_groups_exclude_frozen_and_no_decay_params(module):
+    decay, no_decay = param_groups(module.model, 0.1)
+    ids = {id(p) for g in (decay, no_decay) for p in g["params"]}
+    frozen = {id(p) for p in module.text_encoder.parameters()} | {id(p) for p in module.image_tokenizer.parameters()}
+    assert not ids & frozen
+    assert len(ids) == len(list(module.model.parameters()))
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "code_emb.weight" in no_decay_names and "trunk.ln_f.weight" in no_decay_names
+    assert "trunk.blocks.0.attn.qkv.bias" in no_decay_names
+    assert {names[id(p)] for p in decay["params"]} >= {"trunk.blocks.0.attn.qkv.weight", "frame_head.weight"}
+
+
+def test_warmup_cosine_shape():
+    lrs = [warmup_cosine(s, 10, 100, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_checkpoint_state_excludes_frozen_encoders(module):
+    sd = module.state_dict()
+    assert sd and all(k.startswith("model.") for k in sd)
+    fresh = PretrainModule(**module_init_args())
+    fresh.load_state_dict(sd)  # frozen encoders are rebuilt from config, so this is complete
+    with pytest.raises(ValueError, match="first bad key"):
+        fresh.load_state_dict({k: v for k, v in sd.items() if "frame_head" not in k})
+
+
+def test_non_finite_loss_names_the_batch(module, monkeypatch):
+    batch = {"frames": torch.randint(0, 255, (2, 3, 32, 32, 3), dtype=torch.uint8),
+             "caption": ["a", "b"], "key": ["shard-0:k1", "shard-0:k2"], "num_skipped": torch.tensor(0)}
+    monkeypatch.setattr(module.model, "forward", lambda *a, **k: torch.full((2, 16, 64), float("nan")))
+    with pytest.raises(FloatingPointError, match="shard-0:k1"):
+        module.training_step(batch, 0)
+
+
+def test_tiny_fit_learns_and_checkpoints(synthetic_shards, tmp_path):
+    from gr.cli import run_lightning_cli
+
+    root = str(tmp_path / "run")
+    cfg = write_config(tmp_path / "c.yaml", synthetic_shards, root, max_steps=30, every_n_steps=15,
+                       logger={"class_path": "lightning.pytorch.loggers.WandbLogger",
+                               "init_args": {"save_dir": root, "offline": True, "project": "gr-test"}})
+    cli = run_lightning_cli(["fit", "--config", cfg])
+    summary = json.load(open(os.path.join(root, "summary", "summary.json")))
+    assert summary["last_train_loss"] < 0.8 * summary["first_train_loss"]
+    assert summary["val/token_acc"] > 4.0 / 64  # well above chance (1/codebook_size)
+    assert any(d.startswith("offline-run-") for d in os.listdir(os.path.join(root, "wandb")))
+    ckpt = torch.load(os.path.join(root, "checkpoints", "last.ckpt"), weights_only=True)  # no pickled objects
+    assert not [k for k in ckpt["state_dict"] if k.startswith(("text_encoder.", "image_tokenizer."))]
+    assert ckpt["hyper_parameters"]["image_tokenizer"]["codebook_size"] == 64
+    assert not [f for f in os.listdir(os.path.join(root, "checkpoints")) if ".tmp" in f]
+    reloaded = PretrainModule.load_from_checkpoint(os.path.join(root, "checkpoints", "last.ckpt"))
+    for k, v in cli.model.model.state_dict().items():
+        assert torch.equal(v, reloaded.model.state_dict()[k]), k
+
+
+def _losses(root: str) -> dict[int, float]:
+    with open(os.path.join(root, "summary", "losses.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _fit(cfg: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "fit", "--config", cfg, *extra],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(synthetic_shards, tmp_path):
+    optim = {"lr": 3e-3, "warmup_steps": 2, "total_steps": 12}  # schedule independent of max_steps
+    kw = dict(every_n_steps=3, num_workers=1, val=False, optim=optim)
+    ref_root, kill_root = str(tmp_path / "ref"), str(tmp_path / "killed")
+    ref = _fit(write_config(tmp_path / "ref.yaml", synthetic_shards, ref_root, max_steps=12, **kw))
+    # The run to be killed is given far more steps than it can take before the kill.
+    killed = _fit(write_config(tmp_path / "kill.yaml", synthetic_shards, kill_root, max_steps=10_000, **kw))
+    ckpt = os.path.join(kill_root, "checkpoints", "step000006.ckpt")
+    deadline = time.time() + 240
+    while not os.path.exists(ckpt) and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert os.path.exists(ckpt), killed.stderr.read().decode()[-3000:]
+    assert ref.wait(timeout=240) == 0, ref.stderr.read().decode()[-3000:]
+    resume_root = str(tmp_path / "resumed")
+    resumed = _fit(write_config(tmp_path / "res.yaml", synthetic_shards, resume_root, max_steps=12, **kw),
+                   "--ckpt_path", ckpt)
+    assert resumed.wait(timeout=240) == 0, resumed.stderr.read().decode()[-3000:]
+    want, got = _losses(ref_root), _losses(resume_root)
+    assert sorted(got) == list(range(7, 13))
+    assert [got[s] for s in range(7, 13)] == [want[s] for s in range(7, 13)]
