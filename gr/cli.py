@@ -27,6 +27,22 @@ def _make_cli_class():
     class GRLightningCLI(LightningCLI):
         """LightningCLI with class_path/init_args for model and data, and atomic checkpoint writes by default."""
 
+        def _parse_ckpt_path(self) -> None:
+            """On `--ckpt_path`, take the model's init args from the checkpoint (as LightningCLI does), passing
+            them as `init_args` of the module's class path: the stock code assumes non-subclass mode here."""
+            import torch
+
+            sub = self.config.get("subcommand")
+            ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+            if not ckpt_path or not os.path.isfile(ckpt_path):
+                return
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            class_path = hparams.pop("_class_path", None)
+            if class_path is None:
+                return super()._parse_ckpt_path()
+            update = {sub: {"model": {"class_path": class_path, "init_args": hparams}}}
+            self.config = self.parser.parse_object(update, self.config)
+
         def instantiate_trainer(self, **kwargs):
             trainer = super().instantiate_trainer(**kwargs)
             strategy = trainer.strategy
@@ -46,14 +62,39 @@ def run_lightning_cli(args: Optional[list[str]] = None, run: bool = True):
         return cli_cls(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        args=args, run=run, save_config_kwargs={"overwrite": True},
                        )
-    except ConfigError as exc:  # a user mistake in the config: one clear line, no traceback
-        print(f"gr: config error: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        msg = config_error_message(exc)
+        if msg is None:
+            raise
+        print(f"gr: config error: {msg}", file=sys.stderr)  # a user mistake: one clear line, no traceback
         raise SystemExit(2) from None
+
+
+def config_error_message(exc: BaseException) -> Optional[str]:
+    """The user-facing message of a config mistake, or None for anything else (which then propagates).
+
+    jsonargparse wraps errors raised while it instantiates classes into a "Does not validate against any of the
+    Union subtypes" ValueError that lists each subtype's error; ours is the one naming a field.
+    """
+    from gr.config import ConfigError
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, ConfigError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "Errors:" in text:
+        errors = [line.strip()[2:] for line in text.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")]
+        errors = [e for e in errors if not e.startswith("Expected a <class 'NoneType'>")]
+        if errors:
+            return errors[0]
+    return None
 
 
 def lightning_main() -> None:
     """The `lightning` console script: `lightning fit --config configs/pretrain.yaml`."""
-    run_lightning_cli(sys.argv[1:])
+    run_lightning_cli(None)
 
 
 def _presets() -> None:

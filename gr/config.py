@@ -95,6 +95,8 @@ class TrunkConfig:
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
 
     def __post_init__(self) -> None:
+        if self.preset is not None and None not in (self.num_layers, self.num_heads, self.width):
+            self.preset = None  # fully specified by hand: record it as custom, not as the preset
         if self.preset is not None:
             _require(self.preset in PRESETS, "trunk.preset", f"unknown preset {self.preset!r}; use {list(PRESETS)}")
             for key, val in PRESETS[self.preset].items():

@@ -66,7 +66,9 @@ def test_tiny_fit_learns_and_checkpoints(synthetic_shards, tmp_path):
                                "init_args": {"save_dir": root, "offline": True, "project": "gr-test"}})
     cli = run_lightning_cli(["fit", "--config", cfg])
     summary = json.load(open(os.path.join(root, "summary", "summary.json")))
-    assert summary["last_train_loss"] < 0.8 * summary["first_train_loss"]
+    losses = list(_losses(root).values())
+    assert len(losses) == 30 and summary["first_train_loss"] == losses[0]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:3]) / 3  # averaged: single tiny batches are noisy
     assert summary["val/token_acc"] > 4.0 / 64  # well above chance (1/codebook_size)
     assert any(d.startswith("offline-run-") for d in os.listdir(os.path.join(root, "wandb")))
     ckpt = torch.load(os.path.join(root, "checkpoints", "last.ckpt"), weights_only=True)  # no pickled objects

@@ -43,7 +43,8 @@ class PretrainModule(L.LightningModule):
         image_tokenizer = as_config(ImageTokenizerConfig, image_tokenizer, "image_tokenizer")
         optim = as_config(OptimConfig, optim or {}, "optim")
         # Plain dicts only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({"model": dataclasses.asdict(model), "text_encoder": dataclasses.asdict(text_encoder),
+        self.save_hyperparameters({"_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                                   "model": dataclasses.asdict(model), "text_encoder": dataclasses.asdict(text_encoder),
                                    "image_tokenizer": dataclasses.asdict(image_tokenizer),
                                    "optim": dataclasses.asdict(optim)})
         self.model_cfg, self.optim_cfg = model, optim
