@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     pre["train_loss_drop"] = round(1.0 - last / first, 4) if first else None
     summary["stages"]["pretrain"] = pre
     summary["num_clips"] = data["num_train"] + data["num_val"]
+    # Acceptance checks of the foundation issue, computed from the measured values (never forced).
+    summary["checks"] = {"train_loss_drop_ge_30pct": bool(pre["train_loss_drop"] and pre["train_loss_drop"] >= 0.30),
+                         "val_token_acc_over_10x_chance": pre.get("val/token_acc", 0.0) > 10 * pre["chance_token_acc"]}
     summary["checkpoint"] = pre["last_checkpoint"]
     summary["total_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
