@@ -1,0 +1,118 @@
+"""LightningDataModule for text-video clips, with a loader that resumes mid-epoch exactly."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from gr.config import ClipSpec
+from gr.data.shards import ClipStream, StreamState, expand_urls
+
+log = logging.getLogger(__name__)
+
+
+def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "frames": torch.stack([s["frames"] for s in samples]),  # (B, Tc, S, S, 3) uint8
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "num_skipped": torch.tensor(sum(s["num_skipped"] for s in samples)),
+        "position": torch.stack([s["position"] for s in samples]),  # (B, 3): epoch, worker, raw position
+    }
+
+
+class ClipStreamLoader(DataLoader):
+    """DataLoader over a ClipStream that Lightning can checkpoint and restore mid-epoch.
+
+    Progress is recorded only for batches handed to the training step (`mark_consumed`, called from the data module's
+    `on_before_batch_transfer`), not for batches Lightning has merely prefetched.
+    """
+
+    def __init__(self, dataset: ClipStream, **kwargs):
+        super().__init__(dataset, collate_fn=collate_clips, **kwargs)
+        self.progress = StreamState(epoch=0, positions={})
+
+    def __iter__(self):
+        self.dataset.state = StreamState(self.progress.epoch, dict(self.progress.positions or {}))
+        yield from super().__iter__()
+        self.progress = StreamState(self.progress.epoch + 1, {})  # a full pass: next epoch starts fresh
+
+    def mark_consumed(self, position: torch.Tensor) -> None:
+        for epoch, worker, pos in position.tolist():
+            # The last batches of an epoch reach the training step after the loader has already rolled over.
+            if epoch == self.progress.epoch and pos > self.progress.positions.get(worker, 0):
+                self.progress.positions[worker] = pos
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.progress.epoch, "positions": dict(self.progress.positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.progress = StreamState(int(state["epoch"]), {int(k): int(v) for k, v in state["positions"].items()})
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Text-video shards -> batches of clips for pretraining.
+
+    The clip spec (history, offset, fps, size) comes from the model (`trainer.lightning_module.clip_spec`) unless
+    given here, so data and model cannot disagree.
+
+    Args:
+        train_shards: brace pattern(s) of training tars, e.g. "data/train-{000000..000099}.tar"; `pipe:` URLs work.
+        val_shards: the same for validation (iterated in order, clips chosen deterministically).
+        batch_size: clips per batch per process.
+        num_workers: DataLoader workers per process (shards are split across ranks, then workers).
+        shuffle_buffer: per-worker sample shuffle buffer.
+        seed: shuffling seed (shard order and buffer are reseeded each epoch).
+        clip: optional explicit ClipSpec; must equal the model's when both are set.
+    """
+
+    def __init__(self, train_shards: str | list[str], val_shards: Optional[str | list[str]] = None,
+                 batch_size: int = 16, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
+                 clip: Optional[ClipSpec] = None):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.train_urls = expand_urls(train_shards, "data.train_shards")
+        self.val_urls = expand_urls(val_shards, "data.val_shards") if val_shards else None
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.clip = clip
+        self._train_loader: Optional[ClipStreamLoader] = None
+
+    def _resolve_clip(self) -> ClipSpec:
+        model_clip = getattr(getattr(self.trainer, "lightning_module", None), "clip_spec", None) if self.trainer else None
+        if model_clip is not None and self.clip is not None and model_clip != self.clip:
+            raise ValueError(f"data.clip {self.clip} disagrees with the model's clip {model_clip}")
+        clip = model_clip or self.clip
+        if clip is None:
+            raise ValueError("data.clip is not set and no model provides a clip_spec")
+        return clip
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return dict(batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
+                    persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> ClipStreamLoader:
+        if self._train_loader is None:  # keep one loader so its progress survives across epochs
+            ds = ClipStream(self.train_urls, self._resolve_clip(), True, self.shuffle_buffer, self.seed)
+            self._train_loader = ClipStreamLoader(ds, **self._loader_kwargs())
+        return self._train_loader
+
+    def val_dataloader(self):
+        if not self.val_urls:
+            return []
+        ds = ClipStream(self.val_urls, self._resolve_clip(), shuffle=False, seed=self.seed)
+        kwargs = self._loader_kwargs() | {"drop_last": False}
+        return DataLoader(ds, collate_fn=collate_clips, **kwargs)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed(batch["position"])
+        return batch

@@ -1,0 +1,91 @@
+"""Video I/O: decode mp4 bytes with decord, encode H.264 mp4 with PyAV, resize + centre-crop, fps resampling.
+
+Frames are uint8 (T, H, W, 3) numpy arrays throughout.
+"""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class VideoDecodeError(ValueError):
+    """A video could not be decoded (corrupt, truncated, empty or too short)."""
+
+
+def open_video(data: bytes | str):
+    """A decord VideoReader over mp4 bytes or a path; raises VideoDecodeError on unreadable input."""
+    import decord
+
+    try:
+        src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+        vr = decord.VideoReader(src, ctx=decord.cpu(0), num_threads=1)
+    except Exception as exc:  # decord raises its own DECORDError / RuntimeError variants
+        raise VideoDecodeError(f"cannot open video: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if len(vr) == 0:
+        raise VideoDecodeError("video has no frames")
+    return vr
+
+
+def resample_indices(num_frames: int, native_fps: float, target_fps: float, start_s: float = 0.0,
+                     end_s: Optional[float] = None) -> np.ndarray:
+    """Indices of native frames nearest to times start_s, start_s + 1/target_fps, ... before end_s."""
+    if native_fps <= 0:
+        raise VideoDecodeError(f"video reports fps {native_fps}")
+    duration = num_frames / native_fps
+    end_s = duration if end_s is None else min(end_s, duration)
+    times = np.arange(start_s, end_s - 1e-9, 1.0 / target_fps)
+    idx = np.floor(times * native_fps + 1e-6).astype(np.int64)
+    return idx[idx < num_frames]
+
+
+def get_frames(vr, indices: Sequence[int]) -> np.ndarray:
+    """Decode the given frame indices -> uint8 (T, H, W, 3); raises VideoDecodeError on a broken stream."""
+    try:
+        frames = vr.get_batch(list(indices)).asnumpy()
+    except Exception as exc:
+        raise VideoDecodeError(f"decoding frames failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise VideoDecodeError(f"decoded frames have shape {frames.shape}, expected (T, H, W, 3)")
+    return frames
+
+
+def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the short side is `size` (antialiased), then centre-crop to size x size."""
+    t, h, w, _ = frames.shape
+    if h == size and w == size:
+        return frames
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[:, :, top:top + size, left:left + size]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18) -> bytes:
+    """uint8 (T, H, W, 3) -> H.264 mp4 bytes (yuv420p, so H and W must be even)."""
+    import av
+
+    t, h, w, _ = frames.shape
+    if t == 0:
+        raise ValueError("encode_mp4: no frames")
+    if h % 2 or w % 2:
+        raise ValueError(f"encode_mp4: H.264 yuv420p needs even sizes, got {h}x{w}")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
