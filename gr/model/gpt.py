@@ -144,8 +144,9 @@ class GPTTrunk(nn.Module):
             all_valid = cache.key_valid[:, :past + t]
         else:
             all_valid = key_valid
-        mask = None
-        if past > 0 or (all_valid is not None and not bool(all_valid.all())):
+        mask = None  # None -> SDPA's is_causal fast path
+        if past > 0 or all_valid is not None:
+            # Built without inspecting the values: a `.all()` check here would be a host sync on every forward.
             kv = all_valid if all_valid is not None else torch.ones(b, past + t, dtype=torch.bool, device=x.device)
             mask = attention_mask(kv, t, past)
         for i, block in enumerate(self.blocks):
