@@ -173,6 +173,9 @@ class ImageTokenizerConfig:
         # taming's GroupNorm uses 32 groups, so every channel count must be a multiple of 32.
         _require(self.ch % 32 == 0 and self.z_channels % 32 == 0, "image_tokenizer.ch",
                  f"ch ({self.ch}) and z_channels ({self.z_channels}) must be multiples of 32")
+        _require(self.resolution >= self.downsample_factor and self.resolution % self.downsample_factor == 0,
+                 "image_tokenizer.resolution", f"{self.resolution} px must be a multiple of the downsampling factor "
+                 f"{self.downsample_factor} (ch_mult {self.ch_mult})")
 
     @property
     def downsample_factor(self) -> int:
@@ -195,3 +198,57 @@ class OptimConfig:
         _require(self.lr > 0, "optim.lr", "must be > 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class TokenizerLossConfig:
+    """VQGAN training loss (taming's recipe, written for manual optimization under Lightning 2).
+
+    generator = pixel_weight * pixel + perceptual_weight * LPIPS + codebook_weight * ||sg(z) - e||^2
+                + commitment_weight * ||z - sg(e)||^2 + disc_factor * lambda * GAN, GAN only from `disc_start` on.
+    """
+
+    pixel_loss: str = "l1"  # "l1" or "l2" reconstruction term
+    pixel_weight: float = 1.0
+    codebook_weight: float = 1.0  # moves codebook vectors towards the encoder outputs
+    commitment_weight: float = 0.25  # keeps encoder outputs near their codes (beta in VQ-VAE)
+    perceptual_weight: float = 1.0  # used only when lpips_weights is set
+    lpips_weights: Optional[str] = None  # local LPIPS file: taming's vgg.pth (lin0..4) or a full LPIPS state dict
+    vgg16_weights: Optional[str] = None  # local torchvision vgg16 state dict, when lpips_weights lacks `net.*`
+    disc_start: int = 2000  # optimizer step at which the patch-GAN term switches on
+    disc_weight: float = 0.8  # scale of the adaptive GAN weight
+    disc_factor: float = 1.0
+    adaptive_disc_weight: bool = True  # balance GAN vs reconstruction gradients at the decoder's last layer
+    disc_loss: str = "hinge"  # "hinge" or "vanilla"
+    disc_num_layers: int = 3
+    disc_ndf: int = 64
+    disc_lr: Optional[float] = None  # None: the generator's lr
+
+    def __post_init__(self) -> None:
+        _require(self.pixel_loss in ("l1", "l2"), "loss.pixel_loss", f"must be 'l1' or 'l2', got {self.pixel_loss!r}")
+        _require(self.disc_loss in ("hinge", "vanilla"), "loss.disc_loss",
+                 f"must be 'hinge' or 'vanilla', got {self.disc_loss!r}")
+        for name in ("pixel_weight", "codebook_weight", "commitment_weight", "perceptual_weight", "disc_weight",
+                     "disc_factor"):
+            _require(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
+        _require(self.disc_start >= 0, "loss.disc_start", "must be >= 0")
+        _require(self.disc_num_layers >= 1, "loss.disc_num_layers", "must be >= 1")
+        check_local_file(self.lpips_weights, "loss.lpips_weights")
+        check_local_file(self.vgg16_weights, "loss.vgg16_weights")
+        _require(self.vgg16_weights is None or self.lpips_weights is not None, "loss.vgg16_weights",
+                 "needs loss.lpips_weights too (the LPIPS linear layers)")
+
+
+@dataclass
+class CodebookConfig:
+    """Codebook-usage logging and dead-code restart."""
+
+    log_every_n_steps: int = 50  # perplexity and dead-code count over this many steps
+    dead_code_restart: bool = True  # re-seed codes unused for `restart_every_n_steps` from encoder outputs
+    restart_every_n_steps: int = 100
+    restart_noise: float = 0.01  # relative noise added to the encoder outputs that replace dead codes
+
+    def __post_init__(self) -> None:
+        _require(self.log_every_n_steps >= 1, "codebook.log_every_n_steps", "must be >= 1")
+        _require(self.restart_every_n_steps >= 1, "codebook.restart_every_n_steps", "must be >= 1")
+        _require(self.restart_noise >= 0, "codebook.restart_noise", "must be >= 0")

@@ -9,15 +9,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from gr.config import ClipSpec
-from gr.data.shards import ClipStream, StreamState, expand_urls
+from gr.config import ClipSpec, ConfigError
+from gr.data.shards import ClipStream, StreamState, expand_urls, parse_meta, tokens_spec_mismatch
 
 log = logging.getLogger(__name__)
 
 
 def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    name = "codes" if "codes" in samples[0] else "frames"
     return {
-        "frames": torch.stack([s["frames"] for s in samples]),  # (B, Tc, S, S, 3) uint8
+        name: torch.stack([s[name] for s in samples]),  # frames (B, Tc, S, S, 3) uint8 | codes (B, Tc, h, w) int64
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "num_skipped": torch.tensor(sum(s["num_skipped"] for s in samples)),
@@ -68,12 +69,17 @@ class VideoDataModule(L.LightningDataModule):
         shuffle_buffer: per-worker sample shuffle buffer.
         seed: shuffling seed (shard order and buffer are reseeded each epoch).
         clip: optional explicit ClipSpec; must equal the model's when both are set.
+        shard_format: "video" (`{key}.mp4`, decoded and tokenized during training) or "tokens" (`{key}.tokens.npy`
+            written by data_prep/tokenize_shards.py with the model's tokenizer; no decoding, no encoder).
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: Optional[str | list[str]] = None,
                  batch_size: int = 16, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
-                 clip: Optional[ClipSpec] = None):
+                 clip: Optional[ClipSpec] = None, shard_format: str = "video"):
         super().__init__()
+        if shard_format not in ("video", "tokens"):
+            raise ConfigError(f"data.shard_format must be 'video' or 'tokens', got {shard_format!r}")
+        self.shard_format = shard_format
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -94,20 +100,45 @@ class VideoDataModule(L.LightningDataModule):
             raise ValueError("data.clip is not set and no model provides a clip_spec")
         return clip
 
+    def _tokens_spec(self) -> Optional[dict[str, Any]]:
+        if self.shard_format != "tokens":
+            return None
+        spec = getattr(getattr(self.trainer, "lightning_module", None), "tokens_spec", None) if self.trainer else None
+        if spec is None:
+            raise ConfigError("data.shard_format 'tokens' needs a model that states its tokenizer (tokens_spec)")
+        return spec
+
+    def setup(self, stage: str) -> None:
+        spec = self._tokens_spec()
+        if spec is None:
+            return
+        # Fail before training when the shards were tokenized by another tokenizer or are not pre-tokenized at all.
+        for field, urls in (("data.train_shards", self.train_urls), ("data.val_shards", self.val_urls)):
+            if not urls:
+                continue
+            raw, key = ClipStream(urls, self._resolve_clip()).first_sample()
+            if "tokens.npy" not in raw:
+                raise ConfigError(f"{field}: {key} has no tokens.npy member; data.shard_format 'tokens' needs "
+                                  "shards written by data_prep/tokenize_shards.py")
+            why = tokens_spec_mismatch(parse_meta(raw.get("json", b"{}"), key).get("tokens"), spec)
+            if why:
+                raise ConfigError(f"{field}: {key}: {why}")
+
     def _loader_kwargs(self) -> dict[str, Any]:
         return dict(batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
                     persistent_workers=False, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> ClipStreamLoader:
         if self._train_loader is None:  # keep one loader so its progress survives across epochs
-            ds = ClipStream(self.train_urls, self._resolve_clip(), True, self.shuffle_buffer, self.seed)
+            ds = ClipStream(self.train_urls, self._resolve_clip(), True, self.shuffle_buffer, self.seed,
+                            tokens=self._tokens_spec())
             self._train_loader = ClipStreamLoader(ds, **self._loader_kwargs())
         return self._train_loader
 
     def val_dataloader(self):
         if not self.val_urls:
             return []
-        ds = ClipStream(self.val_urls, self._resolve_clip(), shuffle=False, seed=self.seed)
+        ds = ClipStream(self.val_urls, self._resolve_clip(), shuffle=False, seed=self.seed, tokens=self._tokens_spec())
         kwargs = self._loader_kwargs() | {"drop_last": False}
         return DataLoader(ds, collate_fn=collate_clips, **kwargs)
 

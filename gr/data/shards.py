@@ -7,12 +7,19 @@ Determinism and resume: the shard order and the shuffle buffer are seeded by (se
 sample carries `(worker, raw position)`. A loader can therefore resume mid-epoch by skipping, without decoding, the raw
 samples each worker had already produced (see `ClipStreamLoader` in datamodule.py).
 
-Bad samples (truncated/corrupt mp4, unreadable json, non-string caption, too short) are skipped, logged with shard
-URL and key, and counted: the count travels with the next good sample as `num_skipped`.
+Pre-tokenized shards (`data_prep/tokenize_shards.py`) hold `{key}.tokens.npy` (uint16/int32 codes [T, h, w] of every
+native frame, or of frames resampled to `tokens.fps`) instead of the mp4, and the json gains a `tokens` block naming the
+tokenizer. Clips are cut from them with the same frame indices and the same random draws as from the mp4, so both forms
+give identical batches for the same samples.
+
+Bad samples (truncated/corrupt mp4 or npy, unreadable json, non-string caption, too short, codes from another
+tokenizer) are skipped, logged with shard URL and key, and counted: the count travels with the next good sample as
+`num_skipped`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -76,6 +83,44 @@ def decode_clip(mp4: bytes, meta: dict[str, Any], clip: ClipSpec, rng: random.Ra
     return resize_center_crop(frames, clip.image_size)
 
 
+def tokens_spec_mismatch(info: Any, expected: dict[str, Any]) -> Optional[str]:
+    """Why a sample's `tokens` json block does not fit the model's tokenizer, or None when it does."""
+    if not isinstance(info, dict):
+        return "json field 'tokens' is missing (not a pre-tokenized shard?)"
+    for name in ("codebook_size", "image_size", "grid", "fingerprint"):
+        if name in expected and info.get(name) != expected[name]:
+            return (f"json field 'tokens.{name}' is {info.get(name)!r} but the model's tokenizer has {expected[name]!r}"
+                    + (" (codes were made by a different VQGAN)" if name == "fingerprint" else ""))
+    return None
+
+
+def decode_token_clip(npy: bytes, meta: dict[str, Any], clip: ClipSpec, rng: random.Random, key: str,
+                      expected: dict[str, Any]) -> np.ndarray:
+    """tokens.npy bytes -> int64 (num_history + 1, h, w) codes at clip.frame_offsets; mirrors `decode_clip`."""
+    why = tokens_spec_mismatch(meta.get("tokens"), expected)
+    if why:
+        raise SampleError(f"{key}.json: {why}")
+    info = meta["tokens"]
+    try:
+        codes = np.load(io.BytesIO(npy), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SampleError(f"{key}.tokens.npy: not a readable npy array ({exc})") from exc
+    if codes.ndim != 3 or codes.dtype not in (np.uint16, np.int32) or tuple(codes.shape[1:]) != tuple(info["grid"]):
+        raise SampleError(f"{key}.tokens.npy: expected uint16/int32 [T, {info['grid'][0]}, {info['grid'][1]}], "
+                          f"got {codes.dtype} {list(codes.shape)}")
+    try:
+        idx = resample_indices(len(codes), float(info["fps"]), clip.fps, meta.get("start") or 0.0, meta.get("end"))
+    except VideoDecodeError as exc:
+        raise SampleError(f"{key}.json: tokens.fps: {exc}") from exc
+    if len(idx) < clip.span:
+        raise SampleError(f"{key}.tokens.npy: {len(idx)} frames at {clip.fps} fps, clip needs {clip.span}")
+    first = rng.randrange(len(idx) - clip.span + 1)
+    out = codes[[int(idx[first + o]) for o in clip.frame_offsets]].astype(np.int64)
+    if out.size and int(out.max()) >= int(info["codebook_size"]):
+        raise SampleError(f"{key}.tokens.npy: code {int(out.max())} >= codebook_size {info['codebook_size']}")
+    return out
+
+
 @dataclass
 class StreamState:
     """Where a clip stream is: epoch, and raw samples already produced per worker in that epoch."""
@@ -85,7 +130,8 @@ class StreamState:
 
 
 class ClipStream(IterableDataset):
-    """Iterable of {"frames": uint8 (Tc, S, S, 3), "caption", "key", "num_skipped", "position": (epoch, worker, pos)}.
+    """Iterable of {"frames": uint8 (Tc, S, S, 3) or "codes": int64 (Tc, h, w), "caption", "key", "num_skipped",
+    "position": (epoch, worker, pos)}.
 
     Args:
         urls: shard URLs (already expanded).
@@ -93,13 +139,16 @@ class ClipStream(IterableDataset):
         shuffle: shuffle shards and samples (seeded per epoch); otherwise stream in order with deterministic clips.
         shuffle_buffer: samples held in the shuffle buffer per worker.
         seed: base seed.
+        tokens: None to decode mp4 frames; else read pre-tokenized shards whose `tokens` json block must match this
+            dict (codebook_size, image_size, grid, fingerprint of the model's tokenizer).
     """
 
     def __init__(self, urls: list[str], clip: ClipSpec, shuffle: bool = True, shuffle_buffer: int = 256,
-                 seed: int = 0):
+                 seed: int = 0, tokens: Optional[dict[str, Any]] = None):
         super().__init__()
         self.urls = list(urls)
         self.clip = clip
+        self.tokens = tokens
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -151,16 +200,35 @@ class ClipStream(IterableDataset):
             if pos <= skip:
                 continue  # resume: this sample was consumed before the checkpoint
             key = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-            clip_rng = random.Random(f"{self.seed}-{epoch}-{key}")
+            # Seeded by shard file name + key, not the full URL, so the pre-tokenized copy of a shard (another folder)
+            # draws the same clips as the original.
+            shard_name = os.path.basename(str(raw.get("__url__", "?")))
+            clip_rng = random.Random(f"{self.seed}-{epoch}-{shard_name}:{raw.get('__key__', '?')}")
             try:
-                if "mp4" not in raw or "json" not in raw:
-                    raise SampleError(f"{key}: missing {'mp4' if 'mp4' not in raw else 'json'} member")
-                meta = parse_meta(raw["json"], key)
-                frames = decode_clip(raw["mp4"], meta, self.clip, clip_rng, key)
+                item = self.decode(raw, key, clip_rng)
             except SampleError as exc:
                 num_skipped += 1
                 log.warning("skipped sample (%d so far in rank %d worker %d): %s", num_skipped, rank, worker, exc)
                 continue
-            yield {"frames": torch.from_numpy(frames), "caption": meta["caption"], "key": key,
-                   "num_skipped": num_skipped, "position": torch.tensor([epoch, worker, pos])}
+            yield {**item, "key": key, "num_skipped": num_skipped, "position": torch.tensor([epoch, worker, pos])}
             num_skipped = 0
+
+    def decode(self, raw: dict[str, Any], key: str, rng: random.Random) -> dict[str, Any]:
+        """One raw shard sample -> {"frames" or "codes", "caption"}; raises SampleError naming the member."""
+        member = "tokens.npy" if self.tokens is not None else "mp4"
+        if member not in raw or "json" not in raw:
+            missing = member if member not in raw else "json"
+            hint = " (is data.shard_format right?)" if missing != "json" else ""
+            raise SampleError(f"{key}: missing {missing} member{hint}")
+        meta = parse_meta(raw["json"], key)
+        if self.tokens is not None:
+            codes = decode_token_clip(raw[member], meta, self.clip, rng, key, self.tokens)
+            return {"codes": torch.from_numpy(codes), "caption": meta["caption"]}
+        return {"frames": torch.from_numpy(decode_clip(raw[member], meta, self.clip, rng, key)),
+                "caption": meta["caption"]}
+
+    def first_sample(self) -> tuple[dict[str, Any], str]:
+        """The first raw sample of the first shard, for checks before training: (raw sample, key)."""
+        for raw in self._raw_samples(self.urls[:1]):
+            return raw, f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        raise ValueError(f"shard {self.urls[0]!r} holds no samples")

@@ -7,6 +7,7 @@ its attribute names, so public taming `.ckpt` + yaml pairs load unchanged, and w
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any, Optional
@@ -15,9 +16,10 @@ import torch
 import yaml
 from taming.modules.diffusionmodules.model import Decoder, Encoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
+import torch.nn.functional as F
 from torch import nn
 
-from gr.config import ImageTokenizerConfig
+from gr.config import ConfigError, ImageTokenizerConfig
 from gr.encoders._frozen import FrozenMixin, check_state_dict, read_state_dict, seeded
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,34 @@ class VQGAN(nn.Module):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
 
+    def check_image_size(self, height: int, width: int, where: str = "frames") -> None:
+        """Raise a ValueError when frames cannot be tokenized: smaller than, or not a multiple of, the downsampling."""
+        f = self.downsample_factor
+        if height < f or width < f or height % f or width % f:
+            raise ValueError(f"{where}: {height}x{width} px frames cannot be tokenized by a VQGAN with downsampling "
+                             f"factor {f}: each side must be a multiple of {f} (and at least {f})")
+
+    def codebook_fingerprint(self) -> str:
+        """A short hash of the codebook: pre-tokenized shards record it, so codes are never read by another tokenizer."""
+        w = self.quantize.embedding.weight.detach().float().cpu().contiguous()
+        return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
+
+    def forward(self, x: torch.Tensor):
+        """Training pass. x: (B, 3, H, W) in [-1, 1].
+
+        Returns (reconstruction (B, 3, H, W), codebook_loss, commitment_loss, codes (B, h, w), z (B, D, h, w)), where
+        z are the pre-quantization encoder outputs (used to restart dead codes).
+        """
+        z = self.quant_conv(self.encoder(x))
+        z_st, _, (_, _, codes) = self.quantize(z)  # straight-through z_q; taming's own (legacy-weighted) loss unused
+        z_q = self.quantize.embedding(codes).permute(0, 3, 1, 2)
+        codebook_loss = F.mse_loss(z_q, z.detach())
+        commitment_loss = F.mse_loss(z, z_q.detach())
+        return self.decoder(self.post_quant_conv(z_st)), codebook_loss, commitment_loss, codes, z
+
     def encode_to_codes(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64."""
+        self.check_image_size(x.shape[-2], x.shape[-1])
         z = self.quant_conv(self.encoder(x))
         _, _, (_, _, idx) = self.quantize(z)
         return idx
@@ -70,21 +98,33 @@ def ddconfig_from(cfg: ImageTokenizerConfig) -> dict[str, Any]:
     )
 
 
-def taming_yaml_dict(model: VQGAN) -> dict[str, Any]:
-    """The yaml that taming (and we) read back: model.target + model.params.{ddconfig, n_embed, embed_dim}."""
-    return {"model": {"target": TAMING_TARGET, "params": {
-        "embed_dim": model.embed_dim, "n_embed": model.n_embed, "ddconfig": model.ddconfig}}}
+def taming_yaml_dict(model: VQGAN, lossconfig: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The yaml that taming (and we) read back: model.target + model.params.{ddconfig, n_embed, embed_dim}, plus
+    taming's `lossconfig` when the discriminator is saved too."""
+    params: dict[str, Any] = {"embed_dim": model.embed_dim, "n_embed": model.n_embed, "ddconfig": model.ddconfig}
+    if lossconfig is not None:
+        params["lossconfig"] = lossconfig
+    return {"model": {"target": TAMING_TARGET, "params": params}}
 
 
-def save_taming_vqgan(model: VQGAN, ckpt_path: str, yaml_path: str, extra: Optional[dict] = None) -> None:
-    """Write `{"state_dict": ...}` (.ckpt) and the taming yaml, each atomically."""
+def save_taming_vqgan(model: VQGAN, ckpt_path: str, yaml_path: str, extra: Optional[dict] = None,
+                      loss_state: Optional[dict[str, torch.Tensor]] = None,
+                      lossconfig: Optional[dict[str, Any]] = None) -> None:
+    """Write `{"state_dict": ...}` (.ckpt) and the taming yaml, each atomically.
+
+    Args:
+        loss_state: weights of taming's loss module (e.g. `discriminator.*`), stored as `loss.*` like VQModel does.
+        lossconfig: taming `lossconfig` for the yaml (target + params).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(ckpt_path)), exist_ok=True)
-    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **(extra or {})}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state.update({f"loss.{k}": v.detach().cpu() for k, v in (loss_state or {}).items()})
+    payload = {"state_dict": state, **(extra or {})}
     tmp = ckpt_path + ".tmp"
     torch.save(payload, tmp)
     os.replace(tmp, ckpt_path)
     with open(yaml_path + ".tmp", "w") as f:
-        yaml.safe_dump(taming_yaml_dict(model), f, sort_keys=False)
+        yaml.safe_dump(taming_yaml_dict(model, lossconfig), f, sort_keys=False)
     os.replace(yaml_path + ".tmp", yaml_path)
 
 
@@ -100,15 +140,18 @@ def _params_from_yaml(path: str) -> tuple[dict[str, Any], int, int]:
         raise ValueError(f"image_tokenizer.yaml: {path!r} lacks model.params.{{ddconfig,n_embed,embed_dim}}: {exc!r}") from exc
 
 
-def load_taming_vqgan(ckpt_path: str, yaml_path: str, allow_pickle: bool = False) -> VQGAN:
-    """Load a taming-format VQGAN (.ckpt + yaml). Discriminator/perceptual `loss.*` weights are ignored."""
+def load_taming_vqgan(ckpt_path: str, yaml_path: str, allow_pickle: bool = False,
+                      return_loss_state: bool = False):
+    """Load a taming-format VQGAN (.ckpt + yaml). Discriminator/perceptual `loss.*` weights are ignored, or returned
+    (without the `loss.` prefix) as a second value with `return_loss_state=True`."""
     ddconfig, n_embed, embed_dim = _params_from_yaml(yaml_path)
     model = VQGAN(ddconfig, n_embed, embed_dim)
     found = read_state_dict(ckpt_path, "image_tokenizer.checkpoint", allow_pickle)
+    loss_state = {k[len("loss."):]: v for k, v in found.items() if k.startswith("loss.")}
     found = {k: v for k, v in found.items() if not k.startswith("loss.")}
     check_state_dict(model.state_dict(), found, ckpt_path, "image_tokenizer.checkpoint")
     model.load_state_dict(found, strict=True)
-    return model
+    return (model, loss_state) if return_loss_state else model
 
 
 class FrozenVQGAN(FrozenMixin):
@@ -125,7 +168,7 @@ class FrozenVQGAN(FrozenMixin):
             yaml_path = cfg.yaml or os.path.splitext(cfg.checkpoint)[0] + ".yaml"
             self.vq = load_taming_vqgan(cfg.checkpoint, yaml_path, cfg.allow_pickle)
             if self.vq.n_embed != cfg.codebook_size:
-                raise ValueError(
+                raise ConfigError(
                     f"image_tokenizer.codebook_size: config says {cfg.codebook_size} but {cfg.checkpoint!r} has "
                     f"{self.vq.n_embed} codes (quantize.embedding.weight)"
                 )
@@ -136,6 +179,14 @@ class FrozenVQGAN(FrozenMixin):
         self.codebook_size = self.vq.n_embed
         self.downsample_factor = self.vq.downsample_factor
         self.freeze()
+
+    @classmethod
+    def from_taming(cls, checkpoint: str, yaml_path: Optional[str] = None, allow_pickle: bool = False) -> "FrozenVQGAN":
+        """Load a taming `.ckpt` + yaml whatever its codebook size (data_prep tools; models use the config)."""
+        yaml_path = yaml_path or os.path.splitext(checkpoint)[0] + ".yaml"
+        _, n_embed, _ = _params_from_yaml(yaml_path)
+        return cls(ImageTokenizerConfig(checkpoint=checkpoint, yaml=yaml_path, allow_pickle=allow_pickle,
+                                        codebook_size=n_embed))
 
     def grid_size(self, image_size: int) -> int:
         if image_size % self.downsample_factor:
@@ -148,6 +199,7 @@ class FrozenVQGAN(FrozenMixin):
     def encode(self, frames: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """frames: uint8 (..., H, W, 3) -> codes int64 (..., h, w). Chunked to bound activation memory."""
         lead = frames.shape[:-3]
+        self.vq.check_image_size(frames.shape[-3], frames.shape[-2])
         x = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2)
         dtype = next(self.vq.parameters()).dtype
         codes = [self.vq.encode_to_codes(c.to(dtype) / 127.5 - 1.0) for c in x.split(chunk)]

@@ -58,6 +58,14 @@ class PretrainModule(L.LightningModule):
     def clip_spec(self) -> ClipSpec:
         return self.model_cfg.clip
 
+    @property
+    def tokens_spec(self) -> dict:
+        """What pre-tokenized shards must have been made with: this model's tokenizer at this clip size."""
+        vq, size = self.image_tokenizer.vq, self.model_cfg.clip.image_size
+        grid = self.image_tokenizer.grid_size(size)
+        return {"codebook_size": vq.n_embed, "image_size": size, "grid": [grid, grid],
+                "fingerprint": vq.codebook_fingerprint()}
+
     # ---- checkpoints: frozen encoders are loaded by reference, RNG state travels with the run ----
     def state_dict(self, *args, **kwargs):
         sd = super().state_dict(*args, **kwargs)
@@ -89,8 +97,10 @@ class PretrainModule(L.LightningModule):
 
     # ---- steps ----
     def tokenize(self, batch: dict[str, Any]):
-        frames = batch["frames"]  # (B, Tc, S, S, 3) uint8, Tc = num_history + 1
-        codes = self.image_tokenizer.encode(frames)  # (B, Tc, h, w)
+        if "codes" in batch:  # pre-tokenized shards: (B, Tc, h, w), Tc = num_history + 1
+            codes = batch["codes"]
+        else:  # (B, Tc, S, S, 3) uint8 -> (B, Tc, h, w)
+            codes = self.image_tokenizer.encode(batch["frames"])
         text, text_mask = self.text_encoder(batch["caption"])
         return codes[:, :-1], codes[:, -1], text, text_mask
 
