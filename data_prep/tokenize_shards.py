@@ -123,9 +123,10 @@ def _tokenize_sample(vq, raw: dict[str, Any], job: dict[str, Any]) -> dict[str, 
         out[name] = buf.getvalue()
         out["_frames"] += len(codes)
         blocks[m] = tokens_block(vq, job["image_size"], fps, native_fps, n, job["dtype"], job["checkpoint"])
-    meta["tokens"] = blocks.pop("mp4") if "mp4" in blocks else next(iter(blocks.values()))
-    if blocks and len(members) > 1:  # robot episodes: per-view native fps / frame counts
-        meta["tokens"]["views"] = {m[: -len(".mp4")]: b for m, b in blocks.items()}
+    if "mp4" in blocks:  # text-video sample
+        meta["tokens"] = blocks["mp4"]
+    else:  # robot episode: shared tokenizer fields, plus per-view fps and frame counts
+        meta["tokens"] = {**next(iter(blocks.values())), "views": {m[: -len(".mp4")]: b for m, b in blocks.items()}}
     for k, v in raw.items():  # everything else travels unchanged (state.npy, action.npy, ...)
         if k not in members and not k.startswith("__") and k != "json":
             out[k] = v

@@ -2,6 +2,7 @@
 
 - `lightning fit --config configs/pretrain.yaml` (console script `lightning`; lightning 2.6 ships none of its own)
 - `gr pretrain fit --config ...` (the same LightningCLI)
+- `gr tokenizer fit --config configs/tokenizer.yaml` (VQGAN training/finetuning; also the same LightningCLI)
 - `gr demo` (the embedded end-to-end demo), `gr presets` (trainable parameter counts of S/B/L/XL)
 """
 
@@ -118,10 +119,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("pretrain", help="LightningCLI for pretraining: gr pretrain fit --config configs/pretrain.yaml",
                    add_help=False)
+    sub.add_parser("tokenizer", help="LightningCLI for the VQGAN: gr tokenizer fit --config configs/tokenizer.yaml",
+                   add_help=False)
     d = sub.add_parser("demo", help="run the embedded end-to-end demo")
     d.add_argument("--out", default="outputs/demo")
     sub.add_parser("presets", help="print trainable parameter counts of the S/B/L/XL presets")
-    if argv and argv[0] == "pretrain":
+    if argv and argv[0] in ("pretrain", "tokenizer"):  # both are the LightningCLI; the config picks the module
         run_lightning_cli(argv[1:])
         return
     args = p.parse_args(argv)

@@ -183,6 +183,8 @@ class FrozenVQGAN(FrozenMixin):
     @classmethod
     def from_taming(cls, checkpoint: str, yaml_path: Optional[str] = None, allow_pickle: bool = False) -> "FrozenVQGAN":
         """Load a taming `.ckpt` + yaml whatever its codebook size (data_prep tools; models use the config)."""
+        if not os.path.isfile(checkpoint):
+            raise ConfigError(f"image_tokenizer.checkpoint: file not found: {checkpoint!r}")
         yaml_path = yaml_path or os.path.splitext(checkpoint)[0] + ".yaml"
         _, n_embed, _ = _params_from_yaml(yaml_path)
         return cls(ImageTokenizerConfig(checkpoint=checkpoint, yaml=yaml_path, allow_pickle=allow_pickle,

@@ -80,8 +80,9 @@ class TokenizerModule(L.LightningModule):
             self.vqgan.check_image_size(self.image_size, self.image_size, "image_size")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.discriminator = NLayerDiscriminator(input_nc=3, ndf=loss.disc_ndf, n_layers=loss.disc_num_layers,
-                                                 use_actnorm=False).apply(weights_init)
+        with seeded(tokenizer.random_init_seed + 1):  # reproducible whatever the global seed
+            self.discriminator = NLayerDiscriminator(input_nc=3, ndf=loss.disc_ndf, n_layers=loss.disc_num_layers,
+                                                     use_actnorm=False).apply(weights_init)
         self._restore_discriminator(loss_state)
         self.perceptual = None
         if loss.lpips_weights:
