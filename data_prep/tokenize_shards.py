@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gr.data.shards import expand_urls  # noqa: E402
-from gr.data.video_io import VideoDecodeError, get_frames, open_video, resample_indices, resize_center_crop  # noqa: E402
+from gr.data.video_io import (  # noqa: E402
+    VideoDecodeError, get_frames_min_size, open_video, resample_indices, resize_center_crop)
 
 _TOKENIZER: dict[str, Any] = {}  # one frozen VQGAN per worker process
 
@@ -59,14 +60,14 @@ def tokenize_video(vq, mp4: bytes, image_size: int, fps: Optional[float], dtype:
 
     vr = open_video(mp4)
     native_fps, n = float(vr.get_avg_fps()), len(vr)
-    h, w = vr[0].shape[:2]
-    vq.vq.check_image_size(*(2 * [min(h, w)]), where="source frames")
     idx = np.arange(n) if fps is None else resample_indices(n, native_fps, fps)
     if len(idx) == 0:
         raise VideoDecodeError(f"no frames at {fps} fps")
     parts = []
     for lo in range(0, len(idx), chunk):  # bounded memory for long videos
-        frames = resize_center_crop(get_frames(vr, [int(i) for i in idx[lo:lo + chunk]]), image_size)
+        # Frames smaller than one code's patch are refused rather than blown up.
+        frames = get_frames_min_size(vr, [int(i) for i in idx[lo:lo + chunk]], vq.downsample_factor)
+        frames = resize_center_crop(frames, image_size)
         parts.append(vq.encode(torch.from_numpy(frames), chunk=chunk).numpy())
     return np.concatenate(parts).astype(dtype), (native_fps if fps is None else fps), native_fps, n
 
@@ -91,7 +92,10 @@ def tokenize_shard(job: dict[str, Any]) -> dict[str, Any]:
             stats["frames"] += sample.pop("_frames")
             writer.write(sample)
             stats["samples"] += 1
-    os.replace(tmp, job["out"])
+    if stats["samples"]:
+        os.replace(tmp, job["out"])
+    else:  # nothing usable: write no shard, so the loader never sees an empty one and a rerun retries it
+        os.remove(tmp)
     return {"shard": job["out"], "samples": stats["samples"], "frames": stats["frames"], "skipped": skipped,
             "seconds": round(time.time() - t0, 2)}
 
@@ -176,6 +180,10 @@ def run(shards: list[str], out: str, checkpoint: str, yaml_path: Optional[str] =
         if pool:
             pool.close()
             pool.join()
+    if jobs and report["samples"] == 0:
+        first = report["skipped"][0]["error"] if report["skipped"] else "the shards hold no samples"
+        raise ValueError(f"--shards: no sample could be tokenized ({len(report['skipped'])} skipped); "
+                         f"first problem: {first}")
     report.update(seconds=round(time.time() - t0, 2), dtype=dtype, out=out,
                   pattern=_pattern(shards, out), fingerprint=vq.vq.codebook_fingerprint())
     with open(os.path.join(out, "tokenize-report.json"), "w") as f:

@@ -60,7 +60,12 @@ def _run_config(cfg: dict, root: str, name: str):
     path = os.path.join(root, f"demo_{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    return run_lightning_cli(["fit", "--config", path])
+    cli = run_lightning_cli(["fit", "--config", path])
+    import wandb
+
+    if wandb.run is not None:  # else the next stage's WandbLogger would reuse (and log into) this stage's run
+        wandb.finish()
+    return cli
 
 
 def held_out_frames(val_shards: str, image_size: int, count: int):

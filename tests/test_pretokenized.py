@@ -143,8 +143,9 @@ def test_tokenize_shards_cli_errors(synthetic_shards, tiny_vqgan, tmp_path, caps
         from gr.data.video_io import encode_mp4
 
         w.write({"__key__": "a", "mp4": encode_mp4(np.zeros((3, 6, 6, 3), np.uint8), 8.0), "json": b'{"caption": "x"}'})
-    report = tokenize([str(tmp_path / "small-000000.tar")], str(tmp_path / "o"), tiny_vqgan[0], image_size=32)
-    assert report["samples"] == 0 and "6x6 px frames cannot be tokenized" in report["skipped"][0]["error"]
+    with pytest.raises(ValueError, match="no sample could be tokenized .*6x6 px frames are smaller than the tokenizer's downsampling factor 8"):
+        tokenize([str(tmp_path / "small-000000.tar")], str(tmp_path / "o"), tiny_vqgan[0], image_size=32)
+    assert not os.path.exists(tmp_path / "o" / "small-000000.tar")  # no empty shard left behind
 
 
 def test_pretraining_fits_on_pretokenized_shards(token_shards, tiny_vqgan, tmp_path):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gr.config import ConfigError, as_config
 from gr.data.shards import expand_urls
-from gr.data.video_io import VideoDecodeError, get_frames, open_video, resize_center_crop
+from gr.data.video_io import VideoDecodeError, get_frames_min_size, open_video, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,8 @@ class FrameStream(IterableDataset):
     def decode(self, raw: dict[str, Any], member: str, rng: random.Random, key: str) -> np.ndarray:
         """Decode `frames_per_video` random frames of one mp4 member -> uint8 (k, S, S, 3)."""
         vr = open_video(raw[member])
-        h, w = vr[0].shape[:2] if len(vr) else (0, 0)
-        if min(h, w) < self.min_size:
-            raise VideoDecodeError(f"{h}x{w} px frames are smaller than the tokenizer's downsampling factor "
-                                   f"{self.min_size}")
         idx = sorted(rng.sample(range(len(vr)), min(self.frames_per_video, len(vr))))
-        return resize_center_crop(get_frames(vr, idx), self.image_size)
+        return resize_center_crop(get_frames_min_size(vr, idx, self.min_size), self.image_size)
 
     def _source_frames(self, i: int, epoch: int) -> Iterator[dict[str, Any]]:
         import webdataset as wds

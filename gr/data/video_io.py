@@ -55,6 +55,25 @@ def get_frames(vr, indices: Sequence[int]) -> np.ndarray:
     return frames
 
 
+def get_frames_min_size(vr, indices: Sequence[int], min_side: int) -> np.ndarray:
+    """`get_frames`, refusing frames whose short side is below `min_side` (e.g. a tokenizer's downsampling factor)
+    with a VideoDecodeError that says so. decord itself fails on some tiny videos, so the size is also checked then."""
+    try:
+        frames = get_frames(vr, indices)
+    except VideoDecodeError as exc:
+        try:
+            h, w = vr[0].shape[:2]
+        except Exception:  # the first frame does not decode either: report the original failure
+            raise exc from None
+        if min(h, w) >= min_side:
+            raise
+        frames = np.zeros((0, h, w, 3), np.uint8)
+    h, w = frames.shape[1:3]
+    if min(h, w) < min_side:
+        raise VideoDecodeError(f"{h}x{w} px frames are smaller than the tokenizer's downsampling factor {min_side}")
+    return frames
+
+
 def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     """Resize so the short side is `size` (antialiased), then centre-crop to size x size."""
     t, h, w, _ = frames.shape

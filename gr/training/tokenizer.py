@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from typing import Any, Optional
 
@@ -322,9 +321,3 @@ class ExportTamingVQGAN(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(trainer, pl_module)
 
-
-def perplexity_of(codes: torch.Tensor, codebook_size: int) -> float:
-    """Perplexity (effective number of codes) of a set of codes."""
-    p = torch.bincount(codes.reshape(-1), minlength=codebook_size).double()
-    p = p / p.sum()
-    return math.exp(float(-(p * torch.log(p.clamp(min=1e-12))).sum()))
