@@ -111,16 +111,73 @@ class TrunkConfig:
 
 
 @dataclass
+class ActionHeadConfig:
+    """ACT-style conditional VAE action head (reference sizes: GR-MG 4+4 blocks, width 128, latent 32)."""
+
+    width: int = 128
+    num_heads: int = 4
+    num_encoder_layers: int = 4  # CVAE encoder over the ground-truth chunk (training only)
+    num_decoder_layers: int = 4  # decoder: chunk queries attend to the readouts and the latent
+    latent_dim: int = 32
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.width % self.num_heads == 0, "model.robot.head.width",
+                 f"{self.width} must be divisible by num_heads {self.num_heads}")
+        for name in ("num_encoder_layers", "num_decoder_layers", "latent_dim"):
+            _require(getattr(self, name) >= 1, f"model.robot.head.{name}", "must be >= 1")
+
+
+@dataclass
+class RobotConfig:
+    """What robot finetuning adds to the GR model: views, a state token per step, readouts and the action head.
+
+    The data pipeline cuts its windows from these fields (views, state/action sizes, chunk), so data and model agree.
+    """
+
+    view_names: list[str] = field(default_factory=lambda: ["head", "wrist"])  # kept sorted: fixed token order
+    state_dim: int = 4
+    action_dim: int = 4
+    action_chunk: int = 10  # k: actions a_t .. a_{t+k-1} predicted per step
+    num_readouts: int = 4  # ACT readout tokens placed after the prefix, before the future frames
+    gripper_dims: list[int] = field(default_factory=lambda: [-1])  # binary open/close action dims (BCE); [] = none
+    head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
+
+    def __post_init__(self) -> None:
+        self.head = as_config(ActionHeadConfig, self.head, "model.robot.head")
+        _require(len(self.view_names) >= 1 and len(set(self.view_names)) == len(self.view_names),
+                 "model.robot.view_names", f"must be distinct and non-empty, got {self.view_names}")
+        self.view_names = sorted(self.view_names)
+        for name in ("state_dim", "action_dim", "action_chunk", "num_readouts"):
+            _require(getattr(self, name) >= 1, f"model.robot.{name}", "must be >= 1")
+        dims = [d % self.action_dim for d in self.gripper_dims]
+        _require(all(-self.action_dim <= d < self.action_dim for d in self.gripper_dims) and len(set(dims)) == len(dims),
+                 "model.robot.gripper_dims", f"{self.gripper_dims} are not distinct dims of a {self.action_dim}-D action")
+        _require(len(dims) < self.action_dim, "model.robot.gripper_dims", "at least one arm dimension must remain")
+
+    @property
+    def gripper_index(self) -> list[int]:
+        return sorted(d % self.action_dim for d in self.gripper_dims)
+
+    @property
+    def arm_index(self) -> list[int]:
+        return [d for d in range(self.action_dim) if d not in self.gripper_index]
+
+
+@dataclass
 class GRModelConfig:
-    """The GR model: trunk plus embeddings and heads, and the clip it consumes."""
+    """The GR model: trunk plus embeddings and heads, and the clip it consumes. `robot` adds the policy parts."""
 
     trunk: TrunkConfig = field(default_factory=lambda: TrunkConfig(preset="B"))
     clip: ClipSpec = field(default_factory=ClipSpec)
     max_text_tokens: int = 32  # CLIP tokens kept (padding is masked out of attention)
+    robot: Optional[RobotConfig] = None  # None: text-video pretraining (one view, no state, no actions)
 
     def __post_init__(self) -> None:
         self.trunk = as_config(TrunkConfig, self.trunk, "model.trunk")
         self.clip = as_config(ClipSpec, self.clip, "model.clip")
+        if self.robot is not None:
+            self.robot = as_config(RobotConfig, self.robot, "model.robot")
         _require(1 <= self.max_text_tokens <= 77, "model.max_text_tokens", "must be in [1, 77]")
 
 
@@ -252,3 +309,20 @@ class CodebookConfig:
         _require(self.log_every_n_steps >= 1, "codebook.log_every_n_steps", "must be >= 1")
         _require(self.restart_every_n_steps >= 1, "codebook.restart_every_n_steps", "must be >= 1")
         _require(self.restart_noise >= 0, "codebook.restart_noise", "must be >= 0")
+
+
+@dataclass
+class FinetuneLossConfig:
+    """Robot finetuning loss: w_frame * CE(future frames, every view) + w_arm * L1(arm chunk, padding masked)
+    + w_gripper * BCE(gripper chunk) + w_kl * KL(CVAE posterior || N(0, I)). Defaults follow GR-MG (frame 0.1, KL 1)."""
+
+    frame_weight: float = 0.1
+    arm_weight: float = 1.0
+    arm_loss: str = "l1"  # "l1" or "smooth_l1"
+    gripper_weight: float = 0.1
+    kl_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.arm_loss in ("l1", "smooth_l1"), "loss.arm_loss", f"must be 'l1' or 'smooth_l1', got {self.arm_loss!r}")
+        for name in ("frame_weight", "arm_weight", "gripper_weight", "kl_weight"):
+            _require(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")

@@ -63,3 +63,48 @@ def write_config(path, shards: dict, root: str, max_steps: int = 10, every_n_ste
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return str(path)
+
+
+ROBOT = dict(view_names=["head", "wrist"], state_dim=4, action_dim=4, action_chunk=4, num_readouts=2,
+             head=dict(width=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, latent_dim=8, dropout=0.0))
+TINY_ROBOT_MODEL = {**TINY_MODEL, "robot": ROBOT}
+
+
+def robot_episode(rng, num_steps: int = 12, size: int = 32):
+    """A synthetic two-view episode: a square moves with the (smooth) actions; the gripper closes half way."""
+    import numpy as np
+
+    from gr.data.robot import Episode
+
+    t = np.arange(num_steps)[:, None]
+    phase, freq = rng.uniform(0, 2 * np.pi, (1, 3)), rng.uniform(0.2, 0.5, (1, 3))
+    action = np.concatenate([0.5 * np.sin(freq * t + phase), np.where(t < num_steps // 2, -1.0, 1.0)], 1)
+    pos = np.cumsum(action[:, :3], 0) + rng.uniform(-1, 1, 3)
+    state = np.concatenate([pos, (action[:, 3:] > 0).astype(float)], 1).astype(np.float32)
+    frames = {}
+    for v, view in enumerate(("head", "wrist")):
+        f = np.full((num_steps, size, size, 3), 30 + 100 * v, np.uint8)
+        for t in range(num_steps):
+            x = int(np.clip(size / 2 + 3 * pos[t, v], 2, size - 10))
+            f[t, 8:16, x:x + 8] = (250, 200, 40)
+        frames[view] = f
+    return Episode(frames=frames, state=state, action=action.astype(np.float32), instruction="move the block", fps=10.0)
+
+
+@pytest.fixture(scope="session")
+def robot_shards(tmp_path_factory):
+    """6 train + 2 val synthetic two-view episodes in the robot shard format."""
+    import numpy as np
+
+    from gr.data.robot import EpisodeShardWriter
+
+    out = tmp_path_factory.mktemp("robot")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for prefix, count in (("train", 6), ("val", 2)):
+        with EpisodeShardWriter(str(out), prefix, max_per_shard=3, source="synthetic") as w:
+            for i in range(count):
+                w.write(f"{prefix}{i:04d}", robot_episode(rng))
+        paths[f"{prefix}_shards"] = w.pattern
+    paths["stats_file"] = str(out / "train-stats.json")
+    return paths

@@ -121,6 +121,35 @@ def decode_token_clip(npy: bytes, meta: dict[str, Any], clip: ClipSpec, rng: ran
     return out
 
 
+def split_for_reader(all_urls: list[str], shuffle: bool, seed: int, epoch: int) -> tuple[list[str], int, int]:
+    """This reader's shards: (seeded per-epoch shuffle, then) split by node/rank, then by DataLoader worker.
+    Returns (urls, rank, worker)."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+    urls = list(all_urls)
+    if shuffle:
+        random.Random(f"{seed}-{epoch}").shuffle(urls)
+    urls = urls[rank::world][worker::num_workers]
+    if not urls:
+        log.warning("rank %d worker %d has no shards (%d shards for %d ranks x %d workers)",
+                    rank, worker, len(all_urls), world, num_workers)
+    return urls, rank, worker
+
+
+def raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Raw webdataset samples of these tars; unreadable tar data is logged and skipped."""
+    import webdataset as wds
+
+    def on_tar_error(exc: Exception) -> bool:
+        log.warning("skipping unreadable shard data: %r", exc)
+        return True
+
+    yield from wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": u} for u in urls]))
+
+
 @dataclass
 class StreamState:
     """Where a clip stream is: epoch, and raw samples already produced per worker in that epoch."""
@@ -155,28 +184,10 @@ class ClipStream(IterableDataset):
         self.state = StreamState()
 
     def _split(self) -> tuple[list[str], int, int]:
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(f"{self.seed}-{self.state.epoch}").shuffle(urls)
-        urls = urls[rank::world][worker::num_workers]  # split by node/rank, then by worker
-        if not urls:
-            log.warning("rank %d worker %d has no shards (%d shards for %d ranks x %d workers)",
-                        rank, worker, len(self.urls), world, num_workers)
-        return urls, rank, worker
+        return split_for_reader(self.urls, self.shuffle, self.seed, self.state.epoch)
 
     def _raw_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
-        def on_tar_error(exc: Exception) -> bool:
-            log.warning("skipping unreadable shard data: %r", exc)
-            return True
-
-        yield from wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": u} for u in urls]))
+        yield from raw_samples(urls)
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if not self.shuffle or self.shuffle_buffer <= 1:

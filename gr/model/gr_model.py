@@ -1,13 +1,21 @@
-"""The GR model: CLIP text tokens + VQGAN frame tokens -> GPT trunk -> future-frame token logits.
+"""The GR model: CLIP text tokens + VQGAN frame tokens (+ robot state) -> GPT trunk -> future frames (+ actions).
 
-Token layout of one causal sequence (pretraining; DESIGN.md):
+Token layout of one causal sequence (DESIGN.md). Pretraining uses one view, no state and no readouts; robot finetuning
+adds them. Both go through the same code path.
 
-    [text_0 .. text_{L-1}]                       projected CLIP token features (+ text position), padding masked
-    [o_{t-h+1}: h*w codes] ... [o_t: h*w codes]  code + spatial + time(slot) embeddings, one block per history frame
-    [BOS, f_0, .., f_{n-2}]                       the future frame o_{t+offset}, shifted right (teacher forcing);
-                                                  output at future slot j predicts f_j
+    [text_0 .. text_{L-1}]                 projected CLIP token features (+ text position), padding masked
+    for tau in 0 .. Th-1 (history steps):
+        for v in views (sorted):  [o_tau^v: h*w codes]     code + spatial + time(tau) (+ view v) embeddings
+        [s_tau]                                              robot only: state projection + time(tau)
+    [r_0 .. r_{R-1}]                       robot only: ACT readouts -> CVAE action head
+    for v in views:  [BOS, f_0, .., f_{n-2}]^v               future frame o_{t+offset}^v shifted right (teacher
+                                                              forcing); output at future slot j predicts f_j^v
 
-Legend: B batch, L text tokens, Th history frames, h/w code grid, n = h*w, C width, V codebook size.
+Readouts sit before every future-frame token, so the causal mask keeps actions independent of the future frames, and
+the action path needs only the prefix (`readout_features`).
+
+Legend: B batch, L text tokens, Th history steps, Nv views, h/w code grid, n = h*w, C width, V codebook size,
+S state dims, R readouts.
 """
 
 from __future__ import annotations
@@ -20,14 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gr.config import GRModelConfig
+from gr.model.action_head import CVAEActionHead
 from gr.model.gpt import GPTTrunk, KVCache
 
 
 class GRModel(nn.Module):
-    """GPT over text + frame tokens with a future-frame head.
+    """GPT over text + frame (+ state) tokens with a future-frame head (and, for robots, readouts + action head).
 
     Args:
-        cfg: GRModelConfig (trunk, clip spec, text token budget).
+        cfg: GRModelConfig (trunk, clip spec, text token budget, optional robot parts).
         codebook_size: V, from the image tokenizer.
         grid_size: code grid side (h = w), from the image tokenizer and `cfg.clip.image_size`.
         text_dim: feature size of the text encoder's tokens.
@@ -41,13 +50,20 @@ class GRModel(nn.Module):
         self.grid_size = grid_size
         self.tokens_per_frame = grid_size * grid_size
         self.num_history = cfg.clip.num_history
+        self.robot = cfg.robot
+        self.num_views = len(cfg.robot.view_names) if cfg.robot else 1
         self.text_proj = nn.Linear(text_dim, c)
         self.text_pos_emb = nn.Embedding(cfg.max_text_tokens, c)
-        self.code_emb = nn.Embedding(codebook_size + 1, c)  # last index = BOS of the future frame
+        self.code_emb = nn.Embedding(codebook_size + 1, c)  # last index = BOS of a future frame
         self.spatial_emb = nn.Embedding(self.tokens_per_frame, c)
         self.time_emb = nn.Embedding(self.num_history + 1, c)  # history slots, then the future slot
         self.trunk = GPTTrunk(cfg.trunk)
         self.frame_head = nn.Linear(c, codebook_size, bias=False)
+        if cfg.robot is not None:  # finetuning adds only these; everything above transfers from pretraining
+            self.view_emb = nn.Embedding(self.num_views, c)
+            self.state_proj = nn.Linear(cfg.robot.state_dim, c)
+            self.readout_emb = nn.Embedding(cfg.robot.num_readouts, c)
+            self.action_head = CVAEActionHead(cfg.robot, c)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight") and "trunk" in name:
@@ -68,28 +84,66 @@ class GRModel(nn.Module):
     def future_slot(self) -> int:
         return self.num_history
 
+    @property
+    def max_len(self) -> int:
+        """Longest sequence: text + history (frames, state) + readouts + future frames."""
+        per_step = self.num_views * self.tokens_per_frame + (1 if self.robot else 0)
+        readouts = self.robot.num_readouts if self.robot else 0
+        return (self.cfg.max_text_tokens + self.num_history * per_step + readouts
+                + self.num_views * self.tokens_per_frame)
+
+    # ---- embeddings ----
     def embed_text(self, text_feats: torch.Tensor, text_mask: torch.Tensor):
         """(B, L, Dt), (B, L) -> tokens (B, L', C), valid (B, L') with L' = min(L, max_text_tokens)."""
         n = min(text_feats.shape[1], self.cfg.max_text_tokens)
         pos = torch.arange(n, device=text_feats.device)
         return self.text_proj(text_feats[:, :n]) + self.text_pos_emb(pos), text_mask[:, :n]
 
-    def embed_frame(self, codes: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
-        """codes (B, k) at spatial positions start..start+k-1 of time slot `slot` -> (B, k, C)."""
+    def embed_frame(self, codes: torch.Tensor, slot: int, start: int = 0, view: Optional[int] = None) -> torch.Tensor:
+        """codes (B, k) at spatial positions start..start+k-1 of time slot `slot` (and camera `view`) -> (B, k, C)."""
         pos = torch.arange(start, start + codes.shape[1], device=codes.device)
-        return self.code_emb(codes) + self.spatial_emb(pos) + self.time_emb.weight[slot]
+        x = self.code_emb(codes) + self.spatial_emb(pos) + self.time_emb.weight[slot]
+        return x + self.view_emb.weight[view] if view is not None else x
 
-    def embed_prefix(self, text_feats, text_mask, history_codes):
-        """Text + history frames -> (B, P, C) embeddings and (B, P) key validity."""
-        b, th = history_codes.shape[:2]
+    def _view(self, v: int) -> Optional[int]:
+        return v if self.robot is not None else None
+
+    def _check_history(self, history_codes: torch.Tensor, state: Optional[torch.Tensor]) -> torch.Tensor:
+        """Validate shapes; return history as (B, Th, Nv, h, w)."""
+        if self.robot is None:
+            if history_codes.dim() != 4:
+                raise ValueError(f"history_codes must be (B, Th, h, w), got {tuple(history_codes.shape)}")
+            history_codes = history_codes[:, :, None]
+        elif history_codes.dim() != 5 or history_codes.shape[2] != self.num_views:
+            raise ValueError(f"history_codes must be (B, Th, {self.num_views} views, h, w), "
+                             f"got {tuple(history_codes.shape)}")
+        th = history_codes.shape[1]
         if th != self.num_history:
             raise ValueError(f"history_codes has {th} frames, model.clip.num_history is {self.num_history}")
-        if tuple(history_codes.shape[2:]) != (self.grid_size, self.grid_size):
-            raise ValueError(f"history_codes grid {tuple(history_codes.shape[2:])} != model grid {self.grid_size}")
+        if tuple(history_codes.shape[3:]) != (self.grid_size, self.grid_size):
+            raise ValueError(f"history_codes grid {tuple(history_codes.shape[3:])} != model grid {self.grid_size}")
+        if self.robot is not None:
+            want = (history_codes.shape[0], th, self.robot.state_dim)
+            if state is None or tuple(state.shape) != want:
+                raise ValueError(f"state must be {want} (batch, history, model.robot.state_dim), "
+                                 f"got {None if state is None else tuple(state.shape)}")
+        return history_codes
+
+    def embed_prefix(self, text_feats, text_mask, history_codes, state: Optional[torch.Tensor] = None):
+        """Text + history (+ state, + readouts) -> (B, P, C) embeddings and (B, P) key validity."""
+        history_codes = self._check_history(history_codes, state)
+        b, th = history_codes.shape[:2]
         text, valid = self.embed_text(text_feats, text_mask)
-        frames = [self.embed_frame(history_codes[:, i].reshape(b, -1), i) for i in range(th)]
-        x = torch.cat([text, *frames], dim=1)
-        valid = torch.cat([valid, valid.new_ones(b, th * self.tokens_per_frame)], dim=1)
+        parts = [text]
+        for tau in range(th):
+            for v in range(self.num_views):
+                parts.append(self.embed_frame(history_codes[:, tau, v].reshape(b, -1), tau, view=self._view(v)))
+            if self.robot is not None:
+                parts.append((self.state_proj(state[:, tau]) + self.time_emb.weight[tau])[:, None])
+        if self.robot is not None:
+            parts.append(self.readout_emb.weight[None].expand(b, -1, -1))
+        x = torch.cat(parts, dim=1)
+        valid = torch.cat([valid, valid.new_ones(b, x.shape[1] - valid.shape[1])], dim=1)
         return x, valid
 
     def shifted_future(self, future_codes: torch.Tensor) -> torch.Tensor:
@@ -98,50 +152,81 @@ class GRModel(nn.Module):
         bos = flat.new_full((flat.shape[0], 1), self.bos_index)
         return torch.cat([bos, flat[:, :-1]], dim=1)
 
-    def forward(self, text_feats, text_mask, history_codes, future_codes) -> torch.Tensor:
-        """Teacher-forced logits for every future-frame token: (B, n, V)."""
-        prefix, valid = self.embed_prefix(text_feats, text_mask, history_codes)
-        fut = self.embed_frame(self.shifted_future(future_codes), self.future_slot)
-        x = torch.cat([prefix, fut], dim=1)
-        valid = torch.cat([valid, valid.new_ones(fut.shape[:2])], dim=1)
-        h = self.trunk(x, valid)
-        return self.frame_head(h[:, -self.tokens_per_frame:])
+    # ---- teacher-forced training pass ----
+    def forward(self, text_feats, text_mask, history_codes, future_codes, state: Optional[torch.Tensor] = None):
+        """Teacher-forced logits for every future-frame token.
+
+        Pretraining: history (B, Th, h, w), future (B, h, w) -> logits (B, n, V).
+        Robot: history (B, Th, Nv, h, w), future (B, Nv, h, w), state (B, Th, S) -> (logits (B, Nv, n, V),
+        readout features (B, R, C)).
+        """
+        prefix, valid = self.embed_prefix(text_feats, text_mask, history_codes, state)
+        b, n = prefix.shape[0], self.tokens_per_frame
+        future = future_codes if self.robot is not None else future_codes[:, None]
+        futs = [self.embed_frame(self.shifted_future(future[:, v]), self.future_slot, view=self._view(v))
+                for v in range(self.num_views)]
+        x = torch.cat([prefix, *futs], dim=1)
+        h = self.trunk(x, torch.cat([valid, valid.new_ones(b, self.num_views * n)], dim=1))
+        logits = self.frame_head(h[:, prefix.shape[1]:]).reshape(b, self.num_views, n, -1)
+        if self.robot is None:
+            return logits[:, 0]
+        r = self.robot.num_readouts
+        return logits, h[:, prefix.shape[1] - r: prefix.shape[1]]
+
+    @torch.no_grad()
+    def readout_features(self, text_feats, text_mask, history_codes, state) -> torch.Tensor:
+        """The action path: one pass over the prefix up to the readouts -> (B, R, C). No frame token is generated."""
+        if self.robot is None:
+            raise ValueError("this model has no readouts: it was built without model.robot (a pretraining model)")
+        prefix, valid = self.embed_prefix(text_feats, text_mask, history_codes, state)
+        return self.trunk(prefix, valid)[:, -self.robot.num_readouts:]
 
     def new_cache(self, batch: int, device, dtype=None) -> KVCache:
-        max_len = self.cfg.max_text_tokens + (self.num_history + 1) * self.tokens_per_frame
         dtype = dtype or self.code_emb.weight.dtype
-        return KVCache.empty(self.cfg.trunk, batch, max_len, device, dtype)
+        return KVCache.empty(self.cfg.trunk, batch, self.max_len, device, dtype)
 
+    # ---- generation ----
     @torch.no_grad()
     def generate_future_frame(self, text_feats, text_mask, history_codes, temperature: float = 0.0,
                               top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                              use_cache: bool = True) -> torch.Tensor:
-        """Autoregressively sample the future frame's codes (B, h, w). temperature 0 = greedy.
+                              use_cache: bool = True, state: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Autoregressively sample the future frame's codes: (B, h, w), or (B, Nv, h, w) for robot models.
 
-        With `use_cache` the prefix is run once and each new token costs one single-token step; without it the whole
-        sequence is recomputed for every token (the reference the cache must match).
+        temperature 0 = greedy. With `use_cache` the prefix is run once and each new token costs one single-token step;
+        without it the whole sequence is recomputed for every token (the reference the cache must match).
         """
         b = history_codes.shape[0]
-        prefix, valid = self.embed_prefix(text_feats, text_mask, history_codes)
-        out = history_codes.new_empty(b, self.tokens_per_frame)
+        prefix, valid = self.embed_prefix(text_feats, text_mask, history_codes, state)
+        n, nv = self.tokens_per_frame, self.num_views
+        out = history_codes.new_empty(b, nv, n)
         cache = self.new_cache(b, prefix.device, prefix.dtype) if use_cache else None
-        bos = self.embed_frame(out.new_full((b, 1), self.bos_index), self.future_slot)
-        step_in = torch.cat([prefix, bos], dim=1)  # first cached step: prefix + BOS -> predicts f_0
-        step_valid = torch.cat([valid, valid.new_ones(b, 1)], dim=1)
-        n = self.tokens_per_frame
-        for j in range(n):
-            if use_cache:
-                h = self.trunk(step_in, step_valid, cache)[:, -1]
-                step_valid = None
-            else:
-                fut = self.embed_frame(self.shifted_future(_pad_codes(out, j, self.grid_size))[:, : j + 1],
-                                       self.future_slot)
-                x = torch.cat([prefix, fut], dim=1)
-                h = self.trunk(x, torch.cat([valid, valid.new_ones(b, j + 1)], dim=1))[:, -1]
-            out[:, j] = _sample(self.frame_head(h), temperature, top_k, generator)
-            if use_cache and j + 1 < n:
-                step_in = self.embed_frame(out[:, j:j + 1], self.future_slot, start=j + 1)
-        return out.reshape(b, self.grid_size, self.grid_size)
+        pending, pending_valid = prefix, valid  # tokens not yet run through the cached trunk
+        for v in range(nv):
+            bos = self.embed_frame(out.new_full((b, 1), self.bos_index), self.future_slot, view=self._view(v))
+            pending = bos if pending is None else torch.cat([pending, bos], dim=1)
+            if pending_valid is not None:
+                pending_valid = torch.cat([pending_valid, pending_valid.new_ones(b, 1)], dim=1)
+            for j in range(n):
+                if use_cache:
+                    h = self.trunk(pending, pending_valid, cache)[:, -1]
+                    pending_valid = None
+                else:
+                    h = self._recompute_last(prefix, valid, out, v, j)
+                out[:, v, j] = _sample(self.frame_head(h), temperature, top_k, generator)
+                pending = (self.embed_frame(out[:, v, j:j + 1], self.future_slot, start=j + 1, view=self._view(v))
+                           if j + 1 < n else None)
+        out = out.reshape(b, nv, self.grid_size, self.grid_size)
+        return out if self.robot is not None else out[:, 0]
+
+    def _recompute_last(self, prefix, valid, out, v: int, j: int) -> torch.Tensor:
+        """No-cache reference: the full sequence up to future token j of view v -> last hidden state (B, C)."""
+        b = prefix.shape[0]
+        done = [self.embed_frame(self.shifted_future(_pad_codes(out[:, u], self.tokens_per_frame, self.grid_size)),
+                                 self.future_slot, view=self._view(u)) for u in range(v)]
+        cur = self.embed_frame(self.shifted_future(_pad_codes(out[:, v], j, self.grid_size))[:, : j + 1],
+                               self.future_slot, view=self._view(v))
+        x = torch.cat([prefix, *done, cur], dim=1)
+        return self.trunk(x, torch.cat([valid, valid.new_ones(b, x.shape[1] - valid.shape[1])], dim=1))[:, -1]
 
 
 def _pad_codes(out: torch.Tensor, filled: int, grid: int) -> torch.Tensor:

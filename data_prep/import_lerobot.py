@@ -1,0 +1,340 @@
+"""Import a local LeRobot dataset folder (codebase v2.0, v2.1 or v3.0) into robot episode shards.
+
+v2.x: `meta/info.json`, `meta/episodes.jsonl`, `meta/tasks.jsonl`; one parquet per episode (info's `data_path`) and
+one mp4 per camera per episode (`video_path`), both templated on episode_chunk = episode_index // chunks_size.
+
+v3.0: `meta/info.json`, `meta/episodes/chunk-*/file-*.parquet` (one row per episode), `meta/tasks.parquet`. Several
+episodes share one data parquet, cut by `dataset_from_index`/`dataset_to_index` on the `index` column, and one mp4 per
+camera, cut at `videos/<key>/from_timestamp` plus each frame's `timestamp`.
+
+Camera views are the video features (`--cameras` picks some), named after the part of the key that follows
+`observation.images.`. The instruction is the episode's first task.
+
+    python data_prep/import_lerobot.py --root path/to/lerobot_dataset --out data/my_robot --image-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_prep._episodes import (  # noqa: E402
+    add_common_args, as_2d, parse_indices, pick_instruction, resize_views, run_cli, safe_name, split_list,
+    write_episodes)
+from gr.data.robot import Episode  # noqa: E402
+from gr.data.video_io import VideoDecodeError, get_frames, open_video  # noqa: E402
+
+VIEW_PREFIX = "observation.images."
+
+
+def load_info(root: str) -> dict[str, Any]:
+    """Read and check `meta/info.json`; raises ValueError naming the file and the missing field.
+
+    Args:
+        root: the dataset folder.
+    """
+    path = os.path.join(root, "meta", "info.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not found; --root must be a LeRobot dataset folder")
+    with open(path) as f:
+        info = json.load(f)
+    version = str(info.get("codebase_version", ""))
+    if not version.startswith(("v2", "v3")):
+        raise ValueError(f"{path}: codebase_version {version!r} is not supported (v2.0, v2.1 or v3.0)")
+    for field in ("fps", "features", "data_path"):
+        if field not in info:
+            raise ValueError(f"{path}: missing field {field!r}")
+    info["_path"], info["_v3"] = path, version.startswith("v3")
+    return info
+
+
+def camera_views(info: dict[str, Any], cameras: Optional[list[str]]) -> dict[str, str]:
+    """Feature key -> view name for the chosen cameras (default: every video feature).
+
+    Args:
+        info: `load_info`'s result.
+        cameras: feature keys, or names after `observation.images.`; None for all.
+    """
+    videos = sorted(k for k, ft in info["features"].items() if ft.get("dtype") == "video")
+    views: dict[str, str] = {}
+    for key in cameras or videos:
+        if key not in info["features"] and VIEW_PREFIX + key in videos:
+            key = VIEW_PREFIX + key  # a short name such as "top"
+        if key not in videos:
+            raise ValueError(f"{info['_path']}: camera {key!r} is not a video feature in 'features' "
+                             f"(video features: {videos})")
+        view = safe_name(key[len(VIEW_PREFIX):] if key.startswith(VIEW_PREFIX) else key.split(".")[-1])
+        if view in views.values():
+            raise ValueError(f"{info['_path']}: cameras {key!r} and another one both map to view {view!r}")
+        views[key] = view
+    if not views:
+        raise ValueError(f"{info['_path']}: no video features in 'features'")
+    return views
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        try:
+            return [json.loads(line) for line in f if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON lines: {exc}") from exc
+
+
+def list_episodes(root: str, info: dict[str, Any]) -> list[dict[str, Any]]:
+    """One dict per episode (v2: `meta/episodes.jsonl` lines, v3: `meta/episodes` parquet rows), with `_file`.
+
+    Args:
+        root: the dataset folder.
+        info: `load_info`'s result.
+    """
+    import pyarrow.parquet as pq
+
+    if info["_v3"]:
+        where = os.path.join(root, "meta", "episodes")
+        files = sorted(glob.glob(os.path.join(where, "chunk-*", "*.parquet")))
+        rows = []
+        for path in files:
+            names = [n for n in pq.read_schema(path).names if not n.startswith("stats/")]
+            rows += [{**row, "_file": path} for row in pq.read_table(path, columns=names).to_pylist()]
+    else:
+        where = os.path.join(root, "meta", "episodes.jsonl")
+        if not os.path.isfile(where):
+            raise ValueError(f"{where}: not found (needed for codebase_version {info['codebase_version']})")
+        rows = [{**row, "_file": where} for row in _read_jsonl(where)]
+    for row in rows:
+        if "episode_index" not in row:
+            raise ValueError(f"{row['_file']}: an episode has no 'episode_index'")
+    if not rows:
+        raise ValueError(f"{where}: no episodes (empty dataset)")
+    return sorted(rows, key=lambda r: r["episode_index"])
+
+
+def load_tasks(root: str, info: dict[str, Any]) -> dict[int, str]:
+    """task_index -> task text from `meta/tasks.jsonl` (v2) or `meta/tasks.parquet` (v3); {} when absent.
+
+    Args:
+        root: the dataset folder.
+        info: `load_info`'s result.
+    """
+    if not info["_v3"]:
+        path = os.path.join(root, "meta", "tasks.jsonl")
+        return {int(r["task_index"]): r["task"] for r in _read_jsonl(path)} if os.path.isfile(path) else {}
+    import pandas as pd
+
+    path = os.path.join(root, "meta", "tasks.parquet")
+    if not os.path.isfile(path):
+        return {}
+    df = pd.read_parquet(path)
+    texts = df["task"] if "task" in df.columns else df.index  # lerobot keeps the task text as the index
+    return {int(i): str(t) for i, t in zip(df["task_index"], texts)}
+
+
+def column_array(table, key: str, where: str) -> np.ndarray:
+    """A parquet column of fixed-length lists (or scalars) -> [T, D]; raises ValueError naming the column.
+
+    Args:
+        table: pyarrow Table.
+        key: column name, e.g. `observation.state`.
+        where: the parquet file, for error messages.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if key not in table.column_names:
+        raise ValueError(f"{where}: no column {key!r} (columns: {table.column_names})")
+    col = table.column(key).combine_chunks()
+    if col.null_count:
+        raise ValueError(f"{where}: column {key!r} has {col.null_count} missing values")
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        return as_2d(col.to_numpy(zero_copy_only=False), where, key)
+    if len(np.unique(pc.list_value_length(col).to_numpy())) > 1:
+        raise ValueError(f"{where}: column {key!r} has rows of different lengths")
+    return as_2d(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1), where, key)
+
+
+class LeRobotReader:
+    """Reads episodes of one LeRobot dataset folder, keeping the current data parquet and videos open.
+
+    Args:
+        root: the dataset folder.
+        info: `load_info`'s result.
+        views: feature key -> view name (`camera_views`).
+        state_key: state column.
+        action_key: action column.
+        tasks: task_index -> text (`load_tasks`).
+    """
+
+    def __init__(self, root: str, info: dict[str, Any], views: dict[str, str], state_key: str, action_key: str,
+                 tasks: dict[int, str]):
+        for key in (state_key, action_key):
+            if key not in info["features"]:
+                raise ValueError(f"{info['_path']}: no feature {key!r} in 'features' "
+                                 f"(features: {sorted(info['features'])})")
+        if "video_path" not in info or not info["video_path"]:
+            raise ValueError(f"{info['_path']}: missing field 'video_path'")
+        self.root, self.info, self.views, self.tasks = root, info, views, tasks
+        self.state_key, self.action_key = state_key, action_key
+        self._table: tuple[Optional[str], Any] = (None, None)
+        self._videos: dict[str, tuple[str, Any]] = {}
+
+    def _field(self, row: dict[str, Any], name: str):
+        if row.get(name) is None:
+            raise ValueError(f"{row['_file']}: episode {row['episode_index']} has no {name!r}")
+        return row[name]
+
+    def paths(self, row: dict[str, Any]) -> tuple[str, dict[str, tuple[str, float]]]:
+        """(data parquet, {camera key: (mp4, start time of the episode in it)}) of one episode.
+
+        Args:
+            row: the episode's metadata (`list_episodes`).
+        """
+        ep = int(row["episode_index"])
+        if not self.info["_v3"]:
+            chunk = ep // int(self.info.get("chunks_size", 1000))
+            data = self.info["data_path"].format(episode_chunk=chunk, episode_index=ep)
+            videos = {k: (self.info["video_path"].format(episode_chunk=chunk, video_key=k, episode_index=ep), 0.0)
+                      for k in self.views}
+        else:
+            data = self.info["data_path"].format(chunk_index=int(self._field(row, "data/chunk_index")),
+                                                 file_index=int(self._field(row, "data/file_index")))
+            videos = {}
+            for k in self.views:
+                chunk, file = (int(self._field(row, f"videos/{k}/{n}")) for n in ("chunk_index", "file_index"))
+                videos[k] = (self.info["video_path"].format(video_key=k, chunk_index=chunk, file_index=file),
+                             float(self._field(row, f"videos/{k}/from_timestamp")))
+        return (os.path.join(self.root, data),
+                {k: (os.path.join(self.root, p), t0) for k, (p, t0) in videos.items()})
+
+    def episode_table(self, row: dict[str, Any], path: str):
+        """The episode's rows of its data parquet (v3: cut by dataset_from_index/dataset_to_index).
+
+        Args:
+            row: the episode's metadata.
+            path: its data parquet.
+        """
+        import pyarrow.parquet as pq
+
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: data file of episode {row['episode_index']} not found")
+        if self._table[0] != path:
+            self._table = (path, pq.read_table(path))
+        table = self._table[1]
+        if self.info["_v3"]:
+            lo, hi = int(self._field(row, "dataset_from_index")), int(self._field(row, "dataset_to_index"))
+            index = column_array(table, "index", path)[:, 0]
+            table = table.take(np.nonzero((index >= lo) & (index < hi))[0])
+        if "episode_index" in table.column_names:
+            found = set(column_array(table, "episode_index", path)[:, 0].tolist())
+            if found != {row["episode_index"]}:
+                raise ValueError(f"{path}: rows of episode {row['episode_index']} have 'episode_index' {found}")
+        if row.get("length") is not None and table.num_rows != int(row["length"]):
+            raise ValueError(f"{path}: episode {row['episode_index']} has {table.num_rows} rows but "
+                             f"{row['_file']} says 'length' {row['length']}")
+        return table
+
+    def video_frames(self, key: str, path: str, times: np.ndarray, where: str) -> np.ndarray:
+        """Decode camera `key` at the given times (seconds into `path`) -> uint8 [T, H, W, 3].
+
+        Args:
+            key: camera feature key.
+            path: mp4 file.
+            times: [T] seconds.
+            where: the episode, for error messages.
+        """
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: video of camera {key!r} for {where} not found")
+        try:
+            if self._videos.get(key, (None,))[0] != path:
+                self._videos[key] = (path, open_video(path))
+            vr = self._videos[key][1]
+            fps = float(self.info["features"][key].get("info", {}).get("video.fps") or self.info["fps"])
+            idx = np.round(times * fps).astype(np.int64)
+            if idx.min() < 0 or idx.max() >= len(vr):
+                raise ValueError(f"camera {key!r} has {len(vr)} frames but {where} needs frames "
+                                 f"{idx.min()}..{idx.max()}")
+            return get_frames(vr, idx)
+        except (VideoDecodeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    def read(self, row: dict[str, Any], fallback_instruction: Optional[str]) -> tuple[Episode, str]:
+        """Load one episode -> (Episode, where).
+
+        Args:
+            row: the episode's metadata.
+            fallback_instruction: --instruction, for episodes without a task.
+        """
+        ep = int(row["episode_index"])
+        data_path, videos = self.paths(row)
+        table = self.episode_table(row, data_path)
+        where = f"{data_path}: episode {ep}"
+        if "timestamp" in table.column_names:
+            times = column_array(table, "timestamp", data_path)[:, 0].astype(np.float64)
+        else:
+            times = column_array(table, "frame_index", data_path)[:, 0] / float(self.info["fps"])
+        frames = {self.views[k]: self.video_frames(k, p, t0 + times, f"episode {ep}") for k, (p, t0) in videos.items()}
+        tasks = [t for t in (row.get("tasks") or []) if isinstance(t, str)]
+        if not tasks and "task_index" in table.column_names and table.num_rows:
+            tasks = [self.tasks.get(int(column_array(table, "task_index", data_path)[0, 0]), "")]
+        instruction = pick_instruction(f"{row['_file']}: episode {ep}", tasks[0] if tasks else None,
+                                       fallback_instruction, "'tasks'")
+        extra = {"episode_index": ep, "lerobot_version": self.info["codebase_version"],
+                 "robot_type": self.info.get("robot_type")}
+        if len(tasks) > 1:
+            extra["tasks"] = tasks
+        return Episode(frames, column_array(table, self.state_key, data_path),
+                       column_array(table, self.action_key, data_path), instruction, float(self.info["fps"]),
+                       extra), where
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Read the dataset at args.root and write its episodes to shards; returns the summary.
+
+    Args:
+        args: parsed command line.
+    """
+    root = os.path.abspath(args.root)
+    info = load_info(root)
+    reader = LeRobotReader(root, info, camera_views(info, split_list(args.cameras)), args.state_key,
+                           args.action_key, load_tasks(root, info))
+    rows = list_episodes(root, info)
+    wanted = parse_indices(args.episodes)
+    if wanted is not None:
+        by_index = {int(r["episode_index"]): r for r in rows}
+        missing = [i for i in wanted if i not in by_index]
+        if missing:
+            raise ValueError(f"{rows[0]['_file']}: no episode(s) {missing} (have {min(by_index)}..{max(by_index)})")
+        rows = [by_index[i] for i in wanted]
+
+    def episodes() -> Iterator[tuple[str, Episode, str]]:
+        for row in rows:
+            ep, where = reader.read(row, args.instruction)
+            ep.frames = resize_views(ep.frames, args.image_size, where)
+            yield f"episode_{int(row['episode_index']):06d}", ep, where
+
+    return write_episodes(episodes(), len(rows), args, f"lerobot:{os.path.basename(root)}", "lerobot episodes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this importer."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="LeRobot dataset folder (holding meta/info.json)")
+    p.add_argument("--state-key", default="observation.state", help="state feature")
+    p.add_argument("--action-key", default="action", help="action feature")
+    p.add_argument("--episodes", default=None, help="episode indices to import, e.g. 0,3,10-19; default: all")
+    add_common_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_cli(build_parser(), convert, argv)
+
+
+if __name__ == "__main__":
+    main()

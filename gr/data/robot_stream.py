@@ -1,0 +1,252 @@
+"""Robot finetuning data: training windows streamed from robot episode shards (gr/data/robot.py format).
+
+Each episode is decoded once (every frame of the model's views, resized to the model's image size, or the codes of a
+pre-tokenized shard) and cut into windows: history steps t-h+1..t (clamped at the episode start), the future frame at
+t + offset (clamped at the end), states for the history steps and the action chunk a_t..a_{t+k-1} (padded past the end
+and masked). State and actions are normalized with the dataset statistics stored in the shards' json.
+
+Bad episodes (missing view, state/action length mismatch, undecodable video, codes of another tokenizer) are skipped,
+logged with shard and key, and counted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from typing import Any, Iterator, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from gr.config import ClipSpec, ConfigError, RobotConfig
+from gr.data.robot import make_windows, normalizer
+from gr.data.shards import SampleError, expand_urls, raw_samples, split_for_reader, tokens_spec_mismatch
+from gr.data.video_io import VideoDecodeError, get_frames, open_video, resize_center_crop
+
+log = logging.getLogger(__name__)
+
+
+def _npy(raw: dict[str, Any], name: str, key: str) -> np.ndarray:
+    if name not in raw:
+        raise SampleError(f"{key}: missing {name} member")
+    try:
+        return np.load(io.BytesIO(raw[name]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SampleError(f"{key}.{name}: not a readable npy array ({exc})") from exc
+
+
+def episode_meta(raw: dict[str, Any], key: str, views: list[str]) -> dict[str, Any]:
+    """Parse and check an episode's json: instruction, views (must include the model's), stats."""
+    try:
+        meta = json.loads(raw["json"])
+    except KeyError:
+        raise SampleError(f"{key}: missing json member") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SampleError(f"{key}.json: not valid JSON ({exc})") from exc
+    if not isinstance(meta.get("instruction"), str):
+        raise SampleError(f"{key}.json: field 'instruction' must be a string")
+    missing = [v for v in views if v not in meta.get("views", [])]
+    if missing:
+        raise SampleError(f"{key}.json: view {missing[0]!r} of model.robot.view_names is not among the episode's "
+                          f"views {meta.get('views')}")
+    return meta
+
+
+class RobotWindowStream(IterableDataset):
+    """Iterable of windows: {"history", "future", "state", "arm", "gripper", "action_mask", "instruction", "key",
+    "num_skipped"}; history/future hold uint8 frames (video shards) or int64 codes (pre-tokenized shards).
+
+    Args:
+        urls: shard URLs.
+        robot: the model's robot config (views, state/action sizes, chunk).
+        clip: the model's clip spec (num_history, future_frame_offset in steps, image_size).
+        norm: `normalizer(...)` arrays from the dataset statistics.
+        tokens: None for mp4 views; else the model's tokens spec (pre-tokenized shards).
+        windows_per_episode: windows drawn per episode per pass (None: every step).
+        shuffle: shuffle shards, windows (buffered) and the chosen steps; else deterministic order.
+        shuffle_buffer: windows held per worker.
+        seed: base seed.
+    """
+
+    def __init__(self, urls: list[str], robot: RobotConfig, clip: ClipSpec, norm: dict[str, np.ndarray],
+                 tokens: Optional[dict[str, Any]] = None, windows_per_episode: Optional[int] = None,
+                 shuffle: bool = True, shuffle_buffer: int = 512, seed: int = 0):
+        super().__init__()
+        self.urls, self.robot, self.clip, self.norm, self.tokens = list(urls), robot, clip, norm, tokens
+        self.windows_per_episode, self.shuffle, self.shuffle_buffer, self.seed = (
+            windows_per_episode, shuffle, shuffle_buffer, seed)
+        self.epoch = 0
+
+    def _view_frames(self, raw: dict[str, Any], view: str, key: str, meta: dict[str, Any]) -> np.ndarray:
+        if self.tokens is not None:
+            why = tokens_spec_mismatch(meta.get("tokens"), self.tokens)
+            if why:
+                raise SampleError(f"{key}.json: {why}")
+            return _npy(raw, f"{view}.tokens.npy", key).astype(np.int64)
+        if f"{view}.mp4" not in raw:
+            raise SampleError(f"{key}: missing {view}.mp4 member")
+        try:
+            vr = open_video(raw[f"{view}.mp4"])
+            return resize_center_crop(get_frames(vr, range(len(vr))), self.clip.image_size)
+        except VideoDecodeError as exc:
+            raise SampleError(f"{key}.{view}.mp4: {exc}") from exc
+
+    def episode(self, raw: dict[str, Any], key: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, str]:
+        """Decode and check one episode -> (frames per view, state (T, S), action (T, A), instruction)."""
+        views = self.robot.view_names
+        meta = episode_meta(raw, key, views)
+        state, action = _npy(raw, "state.npy", key), _npy(raw, "action.npy", key)
+        if state.ndim != 2 or state.shape[1] != self.robot.state_dim:
+            raise SampleError(f"{key}.state.npy: shape {state.shape}, model.robot.state_dim is {self.robot.state_dim}")
+        if action.ndim != 2 or action.shape[1] != self.robot.action_dim:
+            raise SampleError(f"{key}.action.npy: shape {action.shape}, model.robot.action_dim is "
+                              f"{self.robot.action_dim}")
+        if len(state) != len(action) or len(state) == 0:
+            raise SampleError(f"{key}: state has {len(state)} steps but action has {len(action)}")
+        frames = {v: self._view_frames(raw, v, key, meta) for v in views}
+        for v, f in frames.items():
+            if len(f) != len(state):
+                raise SampleError(f"{key}.{v}: {len(f)} frames but {len(state)} state steps")
+        return frames, state, action, meta["instruction"]
+
+    def _windows(self, rng: random.Random) -> Iterator[dict[str, Any]]:
+        urls, rank, worker = split_for_reader(self.urls, self.shuffle, self.seed, self.epoch)
+        num_skipped = 0
+        for raw in raw_samples(urls):
+            key = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+            try:
+                frames, state, action, instruction = self.episode(raw, key)
+            except SampleError as exc:
+                num_skipped += 1
+                log.warning("skipped episode (%d so far in rank %d worker %d): %s", num_skipped, rank, worker, exc)
+                continue
+            steps = list(range(len(state)))
+            if self.windows_per_episode is not None and self.windows_per_episode < len(steps):
+                steps = sorted(rng.sample(steps, self.windows_per_episode)) if self.shuffle else \
+                    steps[:: max(1, len(steps) // self.windows_per_episode)][: self.windows_per_episode]
+            for w in make_windows(frames, state, action, self.norm, self.robot.view_names, steps,
+                                  self.clip.num_history, self.clip.future_frame_offset, self.robot.action_chunk):
+                yield {**{k: torch.from_numpy(np.asarray(v)) for k, v in w.items()}, "instruction": instruction,
+                       "key": f"{key}@{w['step']}", "num_skipped": num_skipped}
+                num_skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{self.seed}-{self.epoch}")
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from self._windows(rng)
+            return
+        buf: list[dict[str, Any]] = []
+        for w in self._windows(rng):
+            buf.append(w)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+
+def collate_windows(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {k: torch.stack([s[k] for s in samples]) for k in
+           ("history", "future", "state", "arm", "gripper", "action_mask", "step")}
+    out.update(instruction=[s["instruction"] for s in samples], key=[s["key"] for s in samples],
+               num_skipped=torch.tensor(sum(s["num_skipped"] for s in samples)))
+    return out
+
+
+class _EpochLoader(DataLoader):
+    """Reseeds the stream's shard order and window draws for every pass (workers get a fresh copy each epoch)."""
+
+    def __iter__(self):
+        yield from super().__iter__()
+        self.dataset.epoch += 1
+
+
+class RobotDataModule(L.LightningDataModule):
+    """Robot episode shards -> batches of training windows for finetuning.
+
+    Views, state/action sizes, chunk length, history and future offset come from the model
+    (`trainer.lightning_module.robot_spec` / `clip_spec`), so data and model cannot disagree. The normalization
+    statistics come from the shards' json (or `stats_file`) and are handed to the model, which keeps them in its
+    checkpoint.
+
+    Args:
+        train_shards: brace pattern(s) of robot episode tars.
+        val_shards: held-out episodes (iterated in order).
+        batch_size: windows per batch per process.
+        num_workers: DataLoader workers per process.
+        shuffle_buffer: per-worker window shuffle buffer.
+        windows_per_episode: windows drawn from each episode per pass (None: every step).
+        shard_format: "video" (mp4 per view) or "tokens" (data_prep/tokenize_shards.py output).
+        stats_file: a `<prefix>-stats.json`; default: the `stats` block of the first training episode.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, train_shards: str | list[str], val_shards: Optional[str | list[str]] = None,
+                 batch_size: int = 32, num_workers: int = 2, shuffle_buffer: int = 512,
+                 windows_per_episode: Optional[int] = None, shard_format: str = "video",
+                 stats_file: Optional[str] = None, seed: int = 0):
+        super().__init__()
+        if shard_format not in ("video", "tokens"):
+            raise ConfigError(f"data.shard_format must be 'video' or 'tokens', got {shard_format!r}")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.train_urls = expand_urls(train_shards, "data.train_shards")
+        self.val_urls = expand_urls(val_shards, "data.val_shards") if val_shards else None
+        self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
+        self.windows_per_episode, self.shard_format, self.stats_file, self.seed = (
+            windows_per_episode, shard_format, stats_file, seed)
+        self.stats: Optional[dict[str, Any]] = None
+
+    def _module(self):
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+        if module is None or getattr(module, "robot_spec", None) is None:
+            raise ConfigError("RobotDataModule needs a model with model.robot set (the finetuning module)")
+        return module
+
+    def load_stats(self) -> dict[str, Any]:
+        if self.stats_file:
+            with open(self.stats_file) as f:
+                return json.load(f)
+        for raw in raw_samples(self.train_urls[:1]):
+            key = f"{self.train_urls[0]}:{raw.get('__key__', '?')}"
+            stats = json.loads(raw.get("json", b"{}")).get("stats")
+            if not isinstance(stats, dict) or "state" not in stats or "action" not in stats:
+                raise ConfigError(f"data.train_shards: {key}.json has no 'stats' block (state/action mean, std, min, "
+                                  "max); convert with a data_prep importer or pass data.stats_file")
+            return stats
+        raise ConfigError(f"data.train_shards: {self.train_urls[0]!r} holds no episodes")
+
+    def setup(self, stage: str) -> None:
+        if self.stats is None:
+            self.stats = self.load_stats()
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+        if module is not None and getattr(module, "robot_spec", None) is not None:
+            for raw in raw_samples(self.train_urls[:1]):  # fail early on a view name the data does not have
+                try:
+                    episode_meta(raw, f"{self.train_urls[0]}:{raw.get('__key__', '?')}", module.robot_spec.view_names)
+                except SampleError as exc:
+                    raise ConfigError(f"data.train_shards: {exc}") from None
+                break
+
+    def _stream(self, urls: list[str], train: bool) -> RobotWindowStream:
+        module = self._module()
+        robot = module.robot_spec
+        norm = normalizer(module.normalization_stats(self.stats), robot.arm_index, robot.gripper_index)
+        tokens = module.tokens_spec if self.shard_format == "tokens" else None
+        return RobotWindowStream(urls, robot, module.clip_spec, norm, tokens,
+                                 self.windows_per_episode if train else None, shuffle=train,
+                                 shuffle_buffer=self.shuffle_buffer, seed=self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return _EpochLoader(self._stream(self.train_urls, True), batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=collate_windows, drop_last=True,
+                            pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self):
+        if not self.val_urls:
+            return []
+        return DataLoader(self._stream(self.val_urls, False), batch_size=self.batch_size,
+                          num_workers=min(self.num_workers, len(self.val_urls)), collate_fn=collate_windows)

@@ -1,0 +1,182 @@
+"""Robot finetuning: multi-view frames + robot state -> future frames of every view + a CVAE action chunk.
+
+It is the pretraining module with `model.robot` set: the same frozen encoders, trunk and checkpoint handling, plus
+the robot losses, weight transfer from a pretraining checkpoint, freezing, and the dataset's normalization statistics
+kept as buffers so that every checkpoint carries them (the policy API reads them back).
+
+Legend: B batch, Th history steps, Nv views, n codes per frame, V codebook size, k chunk, A action dims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
+from gr.training.pretrain import PretrainModule
+
+log = logging.getLogger(__name__)
+
+ROBOT_ONLY_PREFIXES = ("view_emb.", "state_proj.", "readout_emb.", "action_head.")
+
+
+class FinetuneModule(PretrainModule):
+    """Finetune a GR model on robot episodes.
+
+    Args:
+        model: GR model config with `robot` set (views, state/action sizes, chunk, readouts, head).
+        text_encoder: frozen open_clip text tower config (instructions).
+        image_tokenizer: frozen taming VQGAN config.
+        optim: AdamW + warmup/cosine config.
+        loss: weights of the frame, arm, gripper and KL terms.
+        init_from: a pretraining checkpoint (Lightning .ckpt of PretrainModule): every weight that still fits is
+            loaded; which were loaded, new and dropped is logged and kept in `init_report`.
+        init_strict: fail when a weight the pretraining model has (trunk, embeddings, heads) is missing or misfits.
+        freeze: parameter-name prefixes of `model` to keep frozen (e.g. ["trunk.", "code_emb."]).
+    """
+
+    def __init__(self, model, text_encoder, image_tokenizer, optim=None, loss: Optional[FinetuneLossConfig] = None,
+                 init_from: Optional[str] = None, init_strict: bool = True, freeze: Optional[list[str]] = None):
+        super().__init__(model, text_encoder, image_tokenizer, optim)
+        if self.model_cfg.robot is None:
+            raise ConfigError("model.robot: finetuning needs the robot parts (view_names, state_dim, action_dim, ...)")
+        loss = as_config(FinetuneLossConfig, loss or {}, "loss")
+        self.loss_cfg = loss
+        hp = dict(self.hparams)
+        hp.update(_class_path=f"{type(self).__module__}.{type(self).__qualname__}", loss=dataclasses.asdict(loss),
+                  init_from=init_from, init_strict=init_strict, freeze=list(freeze or []))
+        self.save_hyperparameters(hp)
+        robot = self.model_cfg.robot
+        # Rows: mean, std, min, max. NaN until set from the data (or restored from a checkpoint).
+        self.register_buffer("stats_state", torch.full((4, robot.state_dim), float("nan")))
+        self.register_buffer("stats_action", torch.full((4, robot.action_dim), float("nan")))
+        self.init_report: dict[str, Any] = {}
+        if init_from:
+            self.init_report = self.load_pretrained(init_from, init_strict)
+        self._freeze(freeze or [])
+
+    @property
+    def robot_spec(self) -> RobotConfig:
+        return self.model_cfg.robot
+
+    # ---- normalization statistics travel in the checkpoint ----
+    def normalization_stats(self, data_stats: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The statistics this model normalizes with: its own (from a checkpoint), else the data's, which it keeps."""
+        if torch.isnan(self.stats_state).any():
+            if data_stats is None:
+                raise ValueError("this model has no normalization statistics and none were given")
+            for name, buf in (("state", self.stats_state), ("action", self.stats_action)):
+                rows = [data_stats[name][k] for k in ("mean", "std", "min", "max")]
+                if len(rows[0]) != buf.shape[1]:
+                    raise ConfigError(f"data stats: {name} has {len(rows[0])} dims, model.robot says {buf.shape[1]}")
+                buf.copy_(torch.tensor(rows, dtype=buf.dtype))
+        to = lambda b: dict(zip(("mean", "std", "min", "max"), b.tolist()))  # noqa: E731
+        return {"state": to(self.stats_state), "action": to(self.stats_action)}
+
+    # ---- transfer from pretraining ----
+    def load_pretrained(self, path: str, strict: bool = True) -> dict[str, Any]:
+        """Load every fitting `model.*` weight of a pretraining checkpoint; report loaded / new / dropped."""
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"init_from: file not found: {path!r}") from None
+        found = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
+        if not found:
+            raise ConfigError(f"init_from: {path!r} has no `model.*` weights (not a gr pretraining checkpoint?)")
+        own = self.model.state_dict()
+        fits = {k: v for k, v in found.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        new = sorted(k for k in own if k not in fits)
+        missing = [k for k in new if not k.startswith(ROBOT_ONLY_PREFIXES)]
+        dropped = sorted(k for k in found if k not in fits)
+        if missing and strict:
+            k = missing[0]
+            why = f"shape {tuple(found[k].shape)} vs {tuple(own[k].shape)}" if k in found else "absent"
+            raise ConfigError(f"init_from: {path!r}: required weight {k!r} does not fit ({why}); {len(missing)} such "
+                              "weights. Set init_strict: false to start those from scratch")
+        self.model.load_state_dict(fits, strict=False)
+        report = {"loaded": sorted(fits), "new": new, "dropped": dropped, "missing_required": missing}
+        log.info("init_from %s: loaded %d tensors, %d new (robot parts), %d dropped from the checkpoint%s", path,
+                 len(fits), len(new), len(dropped), f": {dropped[:5]}" if dropped else "")
+        return report
+
+    def _freeze(self, prefixes: list[str]) -> None:
+        names = [n for n, _ in self.model.named_parameters()]
+        for prefix in prefixes:
+            hit = [n for n in names if n.startswith(prefix)]
+            if not hit:
+                raise ConfigError(f"freeze: prefix {prefix!r} matches no parameter of the model")
+            for n, p in self.model.named_parameters():
+                if n.startswith(prefix):
+                    p.requires_grad_(False)
+        if prefixes:
+            log.info("frozen: %d of %d parameter tensors", sum(not p.requires_grad for p in self.model.parameters()),
+                     len(names))
+
+    # ---- steps ----
+    def codes(self, batch: dict[str, Any]):
+        """History (B, Th, Nv, h, w) and future (B, Nv, h, w) codes, from frames or pre-tokenized codes."""
+        hist, fut = batch["history"], batch["future"]
+        if hist.dtype == torch.uint8:  # frames (..., S, S, 3)
+            hist, fut = self.image_tokenizer.encode(hist), self.image_tokenizer.encode(fut)
+        return hist, fut
+
+    def robot_losses(self, batch: dict[str, Any], sample_latent: bool = True) -> dict[str, torch.Tensor]:
+        hist, fut = self.codes(batch)
+        text, text_mask = self.text_encoder(batch["instruction"])
+        logits, readouts = self.model(text, text_mask, hist, fut, state=batch["state"].float())
+        frame_ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), fut.reshape(-1))
+        mask = batch["action_mask"].bool()
+        chunk = torch.cat([batch["arm"], batch["gripper"] * 2 - 1], dim=-1)  # encoder input, (B, k, A)
+        arm, grip, mu, logvar = self.model.action_head(readouts, chunk, mask, sample=sample_latent)
+        m = mask[..., None].float()
+        err = arm.float() - batch["arm"]
+        per = err.abs() if self.loss_cfg.arm_loss == "l1" else F.smooth_l1_loss(arm.float(), batch["arm"],
+                                                                                 reduction="none")
+        arm_loss = (per * m).sum() / (m.sum() * arm.shape[-1]).clamp(min=1)
+        out = {"frame_ce": frame_ce, "arm": arm_loss,
+               "arm_l1": ((err.abs() * m).sum() / (m.sum() * arm.shape[-1]).clamp(min=1)).detach(),
+               "kl": (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean(),
+               "token_acc": (logits.argmax(-1) == fut.reshape(*logits.shape[:-1])).float().mean().detach()}
+        if grip is not None:
+            bce = F.binary_cross_entropy_with_logits(grip.float(), batch["gripper"], reduction="none")
+            out["gripper_bce"] = (bce * m).sum() / (m.sum() * grip.shape[-1]).clamp(min=1)
+            out["gripper_acc"] = ((((grip > 0).float() == batch["gripper"]).float() * m).sum()
+                                  / (m.sum() * grip.shape[-1]).clamp(min=1)).detach()
+        else:
+            out["gripper_bce"] = arm_loss.new_zeros(())
+        c = self.loss_cfg
+        out["loss"] = (c.frame_weight * frame_ce + c.arm_weight * arm_loss + c.gripper_weight * out["gripper_bce"]
+                       + c.kl_weight * out["kl"])
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        out = self.robot_losses(batch)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"non-finite finetuning loss {out['loss'].item()} at step {self.global_step}; "
+                                     f"batch keys: {batch['key']}")
+        self._skipped_total += int(batch["num_skipped"])
+        bs = len(batch["instruction"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, batch_size=bs)
+        self.log("data/skipped_total", float(self._skipped_total), batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int):
+        out = self.robot_losses(batch, sample_latent=False)
+        # What the policy does at test time: the prior mean latent z = 0.
+        hist, _ = self.codes(batch)
+        text, text_mask = self.text_encoder(batch["instruction"])
+        readouts = self.model.readout_features(text, text_mask, hist, batch["state"].float())
+        arm, _, _, _ = self.model.action_head(readouts)
+        m = batch["action_mask"][..., None].float()
+        prior_l1 = ((arm.float() - batch["arm"]).abs() * m).sum() / (m.sum() * arm.shape[-1]).clamp(min=1)
+        bs = len(batch["instruction"])
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/arm_l1_prior", prior_l1, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in out.items() if k != "loss"}, batch_size=bs, sync_dist=True)
+        return out["loss"]
+
