@@ -182,3 +182,25 @@ def test_overfit_one_episode(robot_shards, tmp_path):
     l1 = float(((arm - batch["arm"]).abs() * m).sum() / (m.sum() * arm.shape[-1]))
     assert l1 < 0.05, l1
     assert (((grip > 0).float() == batch["gripper"]) | (m == 0)).all()  # padded steps are not trained
+    # The policy API, fed the episode step by step, reproduces its actions (robot units) within the same tolerance.
+    from gr.data.shards import raw_samples
+    from gr.policy import GRPolicy
+
+    path = tmp_path / "policy.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    policy = GRPolicy.from_checkpoint(str(path))
+    raw = next(r for r in raw_samples(dm.train_urls[:1]) if r["__key__"] == "train0000")
+    frames, state, action, instruction = ds.episode(raw, "train0000")
+    stats = module.normalization_stats()
+    std = np.maximum(np.asarray(stats["action"]["std"], np.float32), 1e-3)
+    errors = []
+    for t in range(len(state)):
+        chunk = policy.act({"images": {v: frames[v][t] for v in frames}, "state": state[t],
+                            "instruction": instruction})
+        assert chunk.shape == (4, 4)
+        true = action[t:t + 4]
+        errors.append(np.abs(chunk[: len(true), :3] - true[:, :3]) / std[:3])
+        assert np.array_equal(chunk[: len(true), 3], true[:, 3])  # gripper: exactly open / closed
+    assert float(np.concatenate(errors).mean()) < 0.05
+    with pytest.raises(ValueError, match="lacks view 'wrist'"):
+        policy.act({"images": {"head": frames["head"][0]}, "state": state[0], "instruction": instruction})

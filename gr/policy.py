@@ -1,0 +1,141 @@
+"""The policy API: `GRPolicy.from_checkpoint(path)`, then `.reset()` and `.act(obs)` / `.step(obs)`.
+
+An observation is {"images": {view: uint8 (H, W, 3)}, "state": (S,) in robot units, "instruction": str}. The policy
+keeps its own history of the last `num_history` steps (the first observation fills it), caches the text features per
+instruction, and returns action chunks (k, A) in robot units, undoing the normalization stored in the checkpoint. The
+action path is one prefix pass up to the readouts plus the CVAE decoder with the prior-mean latent; no future frame is
+generated.
+
+`.step(obs)` returns one action: it executes each chunk `execute_steps` actions at a time, or, with
+`temporal_ensemble`, predicts a chunk every step and averages every prediction made for the current step with weights
+exp(-m * age) as in ACT.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import deque
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from gr.data.video_io import resize_center_crop
+
+
+class GRPolicy:
+    """Closed-loop wrapper around a finetuned GR model.
+
+    Args:
+        module: a FinetuneModule (with normalization statistics).
+        execute_steps: actions executed from each chunk before predicting the next (default: the whole chunk).
+        temporal_ensemble: ACT's m; when set, a chunk is predicted every step and overlapping predictions averaged.
+        device: torch device for the model.
+    """
+
+    def __init__(self, module, execute_steps: Optional[int] = None, temporal_ensemble: Optional[float] = None,
+                 device: str | torch.device = "cpu"):
+        self.module = module.to(device).eval()
+        self.model, self.robot, self.device = module.model, module.robot_spec, torch.device(device)
+        self.clip = module.clip_spec
+        k = self.robot.action_chunk
+        self.execute_steps = execute_steps or k
+        if not 1 <= self.execute_steps <= k:
+            raise ValueError(f"execute_steps must be in [1, {k}] (the chunk length), got {execute_steps}")
+        self.temporal_ensemble = temporal_ensemble
+        stats = module.normalization_stats()
+        self.state_mean, self.state_std = (np.asarray(stats["state"][k], np.float32) for k in ("mean", "std"))
+        self.state_std = np.maximum(self.state_std, 1e-3)
+        a = {k: np.asarray(v, np.float32) for k, v in stats["action"].items()}
+        self.action_mean, self.action_std, self.action_low, self.action_high = (
+            a["mean"], np.maximum(a["std"], 1e-3), a["min"], a["max"])
+        self._text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str = "cpu", **kwargs) -> "GRPolicy":
+        """Rebuild the finetuned module from a Lightning checkpoint (weights_only) and wrap it."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        hparams = dict(ckpt.get("hyper_parameters", {}))
+        class_path = hparams.pop("_class_path", None)
+        if class_path is None or "model" not in hparams:
+            raise ValueError(f"{path!r}: not a gr checkpoint (hyper_parameters lack _class_path/model)")
+        if not (hparams["model"] or {}).get("robot"):
+            raise ValueError(f"{path!r}: a pretraining checkpoint has no action head; finetune it on robot data first")
+        hparams["init_from"] = None  # the weights come from this checkpoint
+        mod_name, cls_name = class_path.rsplit(".", 1)
+        module = getattr(importlib.import_module(mod_name), cls_name)(**hparams)
+        module.load_state_dict(ckpt["state_dict"])
+        return cls(module, device=map_location, **kwargs)
+
+    def reset(self) -> None:
+        """Start a new episode: empty history, no pending actions."""
+        self.history: deque = deque(maxlen=self.clip.num_history)
+        self._queue: list[np.ndarray] = []
+        self._ensemble: list[tuple[int, np.ndarray]] = []  # (step the chunk was predicted at, chunk)
+        self._t = 0
+
+    # ---- observation -> model inputs ----
+    def _text_features(self, instruction: str):
+        if instruction not in self._text:
+            self._text[instruction] = self.module.text_encoder([instruction])
+        return self._text[instruction]
+
+    def _push(self, obs: dict[str, Any]) -> None:
+        images = obs.get("images") or {}
+        missing = [v for v in self.robot.view_names if v not in images]
+        if missing:
+            raise ValueError(f"obs['images'] lacks view {missing[0]!r}; the model was trained on views "
+                             f"{self.robot.view_names} (got {sorted(images)})")
+        state = np.asarray(obs["state"], np.float32)
+        if state.shape != (self.robot.state_dim,):
+            raise ValueError(f"obs['state'] has shape {state.shape}, the model expects ({self.robot.state_dim},)")
+        frames = np.stack([resize_center_crop(np.asarray(images[v], np.uint8)[None], self.clip.image_size)[0]
+                           for v in self.robot.view_names])
+        codes = self.module.image_tokenizer.encode(torch.from_numpy(frames).to(self.device))  # (Nv, h, w)
+        entry = (codes, torch.from_numpy((state - self.state_mean) / self.state_std).to(self.device))
+        if not self.history:
+            self.history.extend([entry] * self.clip.num_history)  # at the start, the first frame is the past
+        else:
+            self.history.append(entry)
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        """Add the observation to the history and return the predicted action chunk (k, A) in robot units."""
+        self._push(obs)
+        text, mask = self._text_features(obs["instruction"])
+        codes = torch.stack([c for c, _ in self.history])[None]  # (1, Th, Nv, h, w)
+        state = torch.stack([s for _, s in self.history])[None]  # (1, Th, S)
+        readouts = self.model.readout_features(text, mask, codes, state)
+        arm, grip, _, _ = self.model.action_head(readouts)
+        return self._to_robot_units(arm[0].float().cpu().numpy(), None if grip is None else grip[0].cpu().numpy())
+
+    def _to_robot_units(self, arm: np.ndarray, grip_logits: Optional[np.ndarray]) -> np.ndarray:
+        k = arm.shape[0]
+        out = np.zeros((k, self.robot.action_dim), np.float32)
+        ai, gi = self.robot.arm_index, self.robot.gripper_index
+        out[:, ai] = arm * self.action_std[ai] + self.action_mean[ai]
+        if gi:
+            out[:, gi] = np.where(grip_logits > 0, self.action_high[gi], self.action_low[gi])
+        return out
+
+    def step(self, obs: dict[str, Any]) -> np.ndarray:
+        """One action (A,) for this step: chunked execution or temporal ensembling."""
+        if self.temporal_ensemble is None:
+            if not self._queue:
+                self._queue = list(self.act(obs)[: self.execute_steps])
+            else:
+                self._push(obs)  # keep the history current while executing the chunk
+            self._t += 1
+            return self._queue.pop(0)
+        chunk = self.act(obs)
+        self._ensemble = [(t0, c) for t0, c in self._ensemble if self._t - t0 < len(c)] + [(self._t, chunk)]
+        preds = np.stack([c[self._t - t0] for t0, c in self._ensemble])  # oldest first
+        w = np.exp(-self.temporal_ensemble * np.arange(len(preds)))  # ACT: the oldest prediction weighs most
+        self._t += 1
+        action = (w[:, None] * preds).sum(0) / w.sum()
+        gi = self.robot.gripper_index
+        if gi:  # the gripper stays binary: snap the averaged command to the nearer end of its range
+            mid = (self.action_low[gi] + self.action_high[gi]) / 2
+            action[gi] = np.where(action[gi] > mid, self.action_high[gi], self.action_low[gi])
+        return action.astype(np.float32)
