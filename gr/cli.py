@@ -3,6 +3,8 @@
 - `lightning fit --config configs/pretrain.yaml` (console script `lightning`; lightning 2.6 ships none of its own)
 - `gr pretrain fit --config ...` (the same LightningCLI)
 - `gr tokenizer fit --config configs/tokenizer.yaml` (VQGAN training/finetuning; also the same LightningCLI)
+- `gr finetune fit --config configs/finetune.yaml` (= `python finetune.py fit ...`; robot finetuning)
+- `gr eval --checkpoint CKPT` (closed-loop success rate on Meta-World tasks)
 - `gr demo` (the embedded end-to-end demo), `gr presets` (trainable parameter counts of S/B/L/XL)
 """
 
@@ -124,7 +126,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     d = sub.add_parser("demo", help="run the embedded end-to-end demo")
     d.add_argument("--out", default="outputs/demo")
     sub.add_parser("presets", help="print trainable parameter counts of the S/B/L/XL presets")
-    if argv and argv[0] in ("pretrain", "tokenizer"):  # both are the LightningCLI; the config picks the module
+    sub.add_parser("finetune", help="LightningCLI for robot finetuning: gr finetune fit --config configs/finetune.yaml",
+                   add_help=False)
+    sub.add_parser("eval", help="closed-loop success rate on Meta-World: gr eval --checkpoint CKPT", add_help=False)
+    if argv and argv[0] == "eval":
+        from gr.evaluate import main as eval_main
+
+        eval_main(argv[1:])
+        return
+    if argv and argv[0] in ("pretrain", "tokenizer", "finetune"):  # all the LightningCLI; the config picks the module
         run_lightning_cli(argv[1:])
         return
     args = p.parse_args(argv)

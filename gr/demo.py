@@ -5,7 +5,10 @@ Stages (wall time of each goes in the summary):
 2. a tiny VQGAN trained on their frames (configs/demo/tokenizer.yaml, `gr tokenizer fit`), with reconstruction PSNR
    on held-out frames against the same architecture with random weights;
 3. pre-tokenized shards made with it (data_prep/tokenize_shards.py);
-4. tiny pretraining run on those (configs/demo/pretrain.yaml) through the same LightningCLI as `lightning fit`.
+4. tiny pretraining run on those (configs/demo/pretrain.yaml) through the same LightningCLI as `lightning fit`;
+5. Meta-World scripted demos (data_prep/metaworld_demos.py), pre-tokenized with the same VQGAN;
+6. robot finetuning from the pretrained checkpoint (configs/demo/finetune.yaml);
+7. closed-loop evaluation in Meta-World (`gr eval`): per-task success rates.
 Writes `<out>/summary.json`.
 """
 
@@ -23,6 +26,7 @@ sys.path.insert(0, REPO)  # data_prep/ lives beside the package
 
 NUM_TRAIN_CLIPS = 1024
 NUM_FRAMES = 10  # frames per clip: pre-tokenizing every frame is the demo's one-off encoder cost
+EVAL_EXECUTE_STEPS = 4  # actions executed from each predicted chunk (of 8) before predicting again
 
 
 def make_data(out: str, num_train: int, num_val: int, num_frames: int) -> dict:
@@ -136,6 +140,42 @@ def pretrain(out: str, tokens: dict, tok: dict, max_steps: Optional[int]) -> dic
     return summary
 
 
+def robot_demos(out: str, num_demos: int, num_val: int, tasks: Optional[list[str]]) -> dict:
+    from data_prep.metaworld_demos import main as make_demos
+
+    args = ["--out", os.path.join(out, "data_robot"), "--num-demos", str(num_demos), "--num-val", str(num_val),
+            "--image-size", "64", "--workers", str(min(2, os.cpu_count() or 1))]
+    return make_demos(args + (["--tasks", *tasks] if tasks else []))
+
+
+def finetune(out: str, robot_tokens: dict, tok: dict, pretrained: str, max_steps: Optional[int]) -> dict:
+    root = os.path.join(out, "finetune")
+    cfg = _derived_config("finetune", root, max_steps)
+    cfg["data"]["init_args"].update(train_shards=robot_tokens["train_shards"], val_shards=robot_tokens["val_shards"],
+                                    shard_format="tokens")
+    init = cfg["model"]["init_args"]
+    init["init_from"] = pretrained
+    init["image_tokenizer"].update(checkpoint=tok["checkpoint"], yaml=tok["yaml"], codebook_size=tok["codebook_size"])
+    cli = _run_config(cfg, root, "finetune")
+    with open(os.path.join(root, "summary", "summary.json")) as f:
+        summary = json.load(f)
+    report = cli.model.init_report
+    summary["transfer"] = {"loaded": len(report["loaded"]), "new": len(report["new"]),
+                           "dropped": len(report["dropped"])}
+    return summary
+
+
+def closed_loop(out: str, checkpoint: str, tasks: list[str], episodes: int) -> dict:
+    from gr.evaluate import evaluate
+
+    report = evaluate(checkpoint, tasks, episodes=episodes, seed=0, workers=min(2, os.cpu_count() or 1),
+                      out=os.path.join(out, "eval"), execute_steps=EVAL_EXECUTE_STEPS)
+    return {"per_task_success_rate": {t: r["success_rate"] for t, r in report["tasks"].items()},
+            "mean_steps_to_success": {t: r["mean_steps_to_success"] for t, r in report["tasks"].items()},
+            "episodes_per_task": episodes, "execute_steps": EVAL_EXECUTE_STEPS, "videos": {t: r.get("video") for t, r in report["tasks"].items()},
+            "report": os.path.join(out, "eval", "eval.json")}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo")
@@ -144,6 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-frames", type=int, default=NUM_FRAMES, help="frames per synthetic clip")
     p.add_argument("--tokenizer-steps", type=int, default=None, help="default: configs/demo/tokenizer.yaml")
     p.add_argument("--max-steps", type=int, default=None, help="pretraining steps; default: configs/demo/pretrain.yaml")
+    p.add_argument("--robot-demos", type=int, default=20, help="Meta-World demos per task")
+    p.add_argument("--robot-tasks", nargs="+", default=None, help="default: gr.envs.DEFAULT_TASKS")
+    p.add_argument("--finetune-steps", type=int, default=None, help="default: configs/demo/finetune.yaml")
+    p.add_argument("--eval-episodes", type=int, default=10, help="seeded closed-loop episodes per task")
+    p.add_argument("--skip-robot", action="store_true", help="stop after pretraining")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     summary: dict = {"stages": {}}
@@ -172,11 +217,41 @@ def main(argv: list[str] | None = None) -> dict:
                          "val_token_acc_over_10x_chance": pre.get("val/token_acc", 0.0) > 10 * pre["chance_token_acc"],
                          "tokenizer_psnr_gain_ge_6db": tok["psnr_gain_db"] >= 6.0}
     summary["checkpoint"] = pre["last_checkpoint"]
+    if not args.skip_robot:
+        robot_stages(args, summary, tok, pre["last_checkpoint"], image_size)
     summary["total_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def robot_stages(args, summary: dict, tok: dict, pretrained: str, image_size: int) -> None:
+    """Meta-World demos -> pre-tokenized robot shards -> finetuning from the pretrained model -> closed loop."""
+    from data_prep.tokenize_shards import run as tokenize
+
+    t1 = time.time()
+    demos = robot_demos(args.out, args.robot_demos, max(1, args.robot_demos // 10), args.robot_tasks)
+    summary["stages"]["robot_demos"] = {**{k: demos[k] for k in ("tasks", "num_train", "num_val", "attempts",
+                                                                  "failures")}, "seconds": round(time.time() - t1, 1)}
+    t1 = time.time()
+    dest = os.path.join(args.out, "data_robot_tokens")
+    train = tokenize([demos["train_shards"]], dest, tok["checkpoint"], tok["yaml"], image_size=image_size)
+    val = tokenize([demos["val_shards"]], dest, tok["checkpoint"], tok["yaml"], image_size=image_size)
+    robot_tokens = {"train_shards": train["pattern"], "val_shards": val["pattern"]}
+    summary["stages"]["robot_pretokenize"] = {"frames": train["frames"] + val["frames"],
+                                              "seconds": round(time.time() - t1, 1)}
+    t1 = time.time()
+    ft = finetune(args.out, robot_tokens, tok, pretrained, args.finetune_steps)
+    ft["seconds"] = round(time.time() - t1, 1)
+    summary["stages"]["finetune"] = ft
+    t1 = time.time()
+    ev = closed_loop(args.out, ft["last_checkpoint"], list(demos["tasks"]), args.eval_episodes)
+    ev["seconds"] = round(time.time() - t1, 1)
+    summary["stages"]["closed_loop_eval"] = ev
+    rates = list(ev["per_task_success_rate"].values())
+    summary["checks"]["two_tasks_at_least_50pct_success"] = sum(r >= 0.5 for r in rates) >= 2
+    summary["finetuned_checkpoint"] = ft["last_checkpoint"]
 
 
 if __name__ == "__main__":

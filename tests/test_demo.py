@@ -12,9 +12,11 @@ def test_demo_stages_run_and_report(tmp_path):
 
     out = tmp_path / "demo"
     summary = main(["--out", str(out), "--num-train", "64", "--num-val", "16", "--num-frames", "6",
-                    "--tokenizer-steps", "3", "--max-steps", "3"])
+                    "--tokenizer-steps", "3", "--max-steps", "3", "--robot-demos", "2",
+                    "--robot-tasks", "coffee-button-v3", "--finetune-steps", "2", "--eval-episodes", "1"])
     assert json.load(open(out / "summary.json")) == summary
-    assert list(summary["stages"]) == ["synthetic_data", "tokenizer", "pretokenize", "pretrain"]
+    assert list(summary["stages"]) == ["synthetic_data", "tokenizer", "pretokenize", "pretrain", "robot_demos",
+                                       "robot_pretokenize", "finetune", "closed_loop_eval"]
     assert all(stage["seconds"] > 0 for stage in summary["stages"].values())
     tok = summary["stages"]["tokenizer"]
     assert tok["held_out_frames"] == 32 and tok["global_step"] == 3
@@ -27,3 +29,11 @@ def test_demo_stages_run_and_report(tmp_path):
     assert summary["stages"]["pretrain"]["global_step"] == 3 and summary["stages"]["pretrain"]["codebook_size"] == 256
     hp = torch.load(summary["checkpoint"], weights_only=True)["hyper_parameters"]
     assert hp["image_tokenizer"]["checkpoint"] == tok["checkpoint"] and os.path.isfile(tok["checkpoint"])
+    ft = summary["stages"]["finetune"]
+    assert ft["global_step"] == 2 and ft["transfer"]["dropped"] == 0 and ft["transfer"]["loaded"] > 0
+    ev = summary["stages"]["closed_loop_eval"]
+    rate = ev["per_task_success_rate"]["coffee-button-v3"]
+    report = json.load(open(ev["report"]))
+    assert rate == report["tasks"]["coffee-button-v3"]["success_rate"] in (0.0, 1.0)  # measured over 1 episode
+    assert summary["checks"]["two_tasks_at_least_50pct_success"] is False  # one task cannot make two
+    assert os.path.isfile(ev["videos"]["coffee-button-v3"])

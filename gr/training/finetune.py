@@ -99,8 +99,11 @@ class FinetuneModule(PretrainModule):
                               "weights. Set init_strict: false to start those from scratch")
         self.model.load_state_dict(fits, strict=False)
         report = {"loaded": sorted(fits), "new": new, "dropped": dropped, "missing_required": missing}
-        log.info("init_from %s: loaded %d tensors, %d new (robot parts), %d dropped from the checkpoint%s", path,
-                 len(fits), len(new), len(dropped), f": {dropped[:5]}" if dropped else "")
+        from lightning.pytorch.utilities import rank_zero_info  # shown by default, unlike this module's logger
+
+        rank_zero_info(f"init_from {path}: loaded {len(fits)} tensors, {len(new)} new (robot parts: "
+                       f"{sorted({k.split('.')[0] for k in new})}), {len(dropped)} dropped from the checkpoint"
+                       + (f": {dropped[:5]}" if dropped else ""))
         return report
 
     def _freeze(self, prefixes: list[str]) -> None:
