@@ -16,7 +16,8 @@ CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recurs
 
 def test_there_are_configs():
     rel = {os.path.relpath(c, REPO) for c in CONFIGS}
-    assert {"configs/pretrain.yaml", "configs/demo/pretrain.yaml"} <= rel
+    assert {"configs/pretrain.yaml", "configs/demo/pretrain.yaml", "configs/tokenizer.yaml", "configs/finetune.yaml",
+            "configs/demo/tokenizer.yaml", "configs/demo/finetune.yaml"} <= rel
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
