@@ -89,3 +89,34 @@ def test_finetune_entry_point_trains_from_a_pretraining_checkpoint(robot_shards,
     stats = json.load(open(robot_shards["stats_file"]))
     assert torch.allclose(ckpt["state_dict"]["stats_action"][1], torch.tensor(stats["action"]["std"]))
     assert ckpt["global_step"] == 3
+
+
+def test_policy_step_executes_chunks_or_ensembles(robot_ckpt, monkeypatch):
+    import numpy as np
+
+    from gr.policy import GRPolicy
+
+    obs = {"images": {v: np.zeros((32, 32, 3), np.uint8) for v in ("head", "wrist")},
+           "state": np.zeros(4, np.float32), "instruction": "close the drawer"}
+    policy = GRPolicy.from_checkpoint(robot_ckpt, execute_steps=2)
+    calls = []
+    real_act = policy.act
+    monkeypatch.setattr(policy, "act", lambda o: calls.append(1) or real_act(o))
+    chunk = real_act(obs)
+    policy.reset()
+    actions = [policy.step(obs) for _ in range(5)]
+    assert len(calls) == 3  # a new chunk every 2 steps
+    assert np.allclose(actions[0], chunk[0], atol=1e-5) and np.allclose(actions[1], chunk[1], atol=1e-5)
+    assert len(policy.history) == 2  # the history kept moving while a chunk was executed
+
+    ens = GRPolicy.from_checkpoint(robot_ckpt, temporal_ensemble=0.5)
+    chunks = iter([np.full((4, 4), 0.0, np.float32), np.full((4, 4), 0.5, np.float32)])
+    monkeypatch.setattr(ens, "act", lambda o: next(chunks))
+    ens.reset()
+    ens.step(obs)
+    second = ens.step(obs)
+    w = np.exp(-0.5 * np.arange(2))
+    assert np.allclose(second[:3], (w[0] * 0.0 + w[1] * 0.5) / w.sum())  # oldest prediction weighs most
+    assert second[3] in (-1.0, 1.0)  # the gripper stays binary
+    with pytest.raises(ValueError, match="execute_steps must be in"):
+        GRPolicy.from_checkpoint(robot_ckpt, execute_steps=9)
