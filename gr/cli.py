@@ -5,6 +5,7 @@
 - `gr tokenizer fit --config configs/tokenizer.yaml` (VQGAN training/finetuning; also the same LightningCLI)
 - `gr finetune fit --config configs/finetune.yaml` (= `python finetune.py fit ...`; robot finetuning)
 - `gr eval --checkpoint CKPT` (closed-loop success rate on Meta-World tasks)
+- `gr rollout --checkpoint CKPT --source SHARDS` (predicted frames beside the ground truth, metrics)
 - `gr demo` (the embedded end-to-end demo), `gr presets` (trainable parameter counts of S/B/L/XL)
 """
 
@@ -129,6 +130,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.add_parser("finetune", help="LightningCLI for robot finetuning: gr finetune fit --config configs/finetune.yaml",
                    add_help=False)
     sub.add_parser("eval", help="closed-loop success rate on Meta-World: gr eval --checkpoint CKPT", add_help=False)
+    sub.add_parser("rollout", help="generate future frames beside the ground truth: gr rollout --checkpoint CKPT "
+                   "--source SHARDS", add_help=False)
+    if argv and argv[0] == "rollout":
+        from gr.rollout import main as rollout_main
+
+        rollout_main(argv[1:])
+        return
     if argv and argv[0] == "eval":
         from gr.evaluate import main as eval_main
 

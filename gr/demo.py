@@ -8,7 +8,8 @@ Stages (wall time of each goes in the summary):
 4. tiny pretraining run on those (configs/demo/pretrain.yaml) through the same LightningCLI as `lightning fit`;
 5. Meta-World scripted demos (data_prep/metaworld_demos.py), pre-tokenized with the same VQGAN;
 6. robot finetuning from the pretrained checkpoint (configs/demo/finetune.yaml);
-7. closed-loop evaluation in Meta-World (`gr eval`): per-task success rates.
+7. closed-loop evaluation in Meta-World (`gr eval`): per-task success rates;
+8. rollouts of both models beside the ground truth (`gr rollout`): MP4/GIF, PSNR/SSIM against copy-last-frame.
 Writes `<out>/summary.json`.
 """
 
@@ -27,6 +28,7 @@ sys.path.insert(0, REPO)  # data_prep/ lives beside the package
 NUM_TRAIN_CLIPS = 1024
 NUM_FRAMES = 10  # frames per clip: pre-tokenizing every frame is the demo's one-off encoder cost
 EVAL_EXECUTE_STEPS = 4  # actions executed from each predicted chunk (of 8) before predicting again
+ROLLOUT_FRAMES = 4  # imagined frames per held-out clip (the synthetic clips have 10)
 
 
 def make_data(out: str, num_train: int, num_val: int, num_frames: int) -> dict:
@@ -176,6 +178,28 @@ def closed_loop(out: str, checkpoint: str, tasks: list[str], episodes: int) -> d
             "report": os.path.join(out, "eval", "eval.json")}
 
 
+def rollouts(out: str, pretrained: str, val_shards: str, finetuned: Optional[str], robot_val: Optional[str]) -> dict:
+    """Rollouts of the pretrained text-video model (imagined frames vs held-out clips) and of the finetuned robot model
+    (one-step predictions along held-out episodes)."""
+    from gr.rollout import module_from_checkpoint, rollout_robot, rollout_text_video
+
+    result = {}
+    video = rollout_text_video(module_from_checkpoint(pretrained), val_shards, os.path.join(out, "rollout_video"),
+                               num_samples=8, num_frames=ROLLOUT_FRAMES)
+    m = video["metrics"]
+    result["text_video"] = {"metrics": m, "metrics_json": os.path.join(out, "rollout_video", "metrics.json"),
+                            "videos": [s["mp4"] for s in video["samples"]], "gifs": [s["gif"] for s in video["samples"]],
+                            "mean_psnr_first4": round(float(sum(m["psnr"][:4]) / 4), 3),
+                            "mean_psnr_first4_copy_last": round(float(sum(m["psnr_copy_last"][:4]) / 4), 3)}
+    if finetuned and robot_val:
+        robot = rollout_robot(module_from_checkpoint(finetuned), robot_val, os.path.join(out, "rollout_robot"),
+                              num_samples=2, num_frames=ROLLOUT_FRAMES)
+        result["robot"] = {"metrics": robot["metrics"], "videos": [s["mp4"] for s in robot["samples"]],
+                           "action_plots": [s["actions_plot"] for s in robot["samples"]],
+                           "metrics_json": os.path.join(out, "rollout_robot", "metrics.json")}
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo")
@@ -219,6 +243,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary["checkpoint"] = pre["last_checkpoint"]
     if not args.skip_robot:
         robot_stages(args, summary, tok, pre["last_checkpoint"], image_size)
+    t1 = time.time()
+    ro = rollouts(args.out, pre["last_checkpoint"], data["val_shards"], summary.get("finetuned_checkpoint"),
+                  summary.get("robot_val_shards"))
+    ro["seconds"] = round(time.time() - t1, 1)
+    summary["stages"]["rollouts"] = ro
+    tv = ro["text_video"]
+    summary["checks"]["pretrained_beats_copy_last_psnr_first4"] = tv["mean_psnr_first4"] > tv["mean_psnr_first4_copy_last"]
     summary["total_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -252,6 +283,7 @@ def robot_stages(args, summary: dict, tok: dict, pretrained: str, image_size: in
     rates = list(ev["per_task_success_rate"].values())
     summary["checks"]["two_tasks_at_least_50pct_success"] = sum(r >= 0.5 for r in rates) >= 2
     summary["finetuned_checkpoint"] = ft["last_checkpoint"]
+    summary["robot_val_shards"] = demos["val_shards"]
 
 
 if __name__ == "__main__":

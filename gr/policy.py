@@ -13,7 +13,6 @@ exp(-m * age) as in ACT.
 
 from __future__ import annotations
 
-import importlib
 from collections import deque
 from typing import Any, Optional
 
@@ -55,17 +54,11 @@ class GRPolicy:
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu", **kwargs) -> "GRPolicy":
         """Rebuild the finetuned module from a Lightning checkpoint (weights_only) and wrap it."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        hparams = dict(ckpt.get("hyper_parameters", {}))
-        class_path = hparams.pop("_class_path", None)
-        if class_path is None or "model" not in hparams:
-            raise ValueError(f"{path!r}: not a gr checkpoint (hyper_parameters lack _class_path/model)")
-        if not (hparams["model"] or {}).get("robot"):
+        from gr.training.checkpoint_io import module_from_checkpoint
+
+        module = module_from_checkpoint(path, map_location)
+        if getattr(module, "robot_spec", None) is None:
             raise ValueError(f"{path!r}: a pretraining checkpoint has no action head; finetune it on robot data first")
-        hparams["init_from"] = None  # the weights come from this checkpoint
-        mod_name, cls_name = class_path.rsplit(".", 1)
-        module = getattr(importlib.import_module(mod_name), cls_name)(**hparams)
-        module.load_state_dict(ckpt["state_dict"])
         return cls(module, device=map_location, **kwargs)
 
     def reset(self) -> None:

@@ -16,7 +16,7 @@ def test_demo_stages_run_and_report(tmp_path):
                     "--robot-tasks", "coffee-button-v3", "--finetune-steps", "2", "--eval-episodes", "1"])
     assert json.load(open(out / "summary.json")) == summary
     assert list(summary["stages"]) == ["synthetic_data", "tokenizer", "pretokenize", "pretrain", "robot_demos",
-                                       "robot_pretokenize", "finetune", "closed_loop_eval"]
+                                       "robot_pretokenize", "finetune", "closed_loop_eval", "rollouts"]
     assert all(stage["seconds"] > 0 for stage in summary["stages"].values())
     tok = summary["stages"]["tokenizer"]
     assert tok["held_out_frames"] == 32 and tok["global_step"] == 3
@@ -37,3 +37,9 @@ def test_demo_stages_run_and_report(tmp_path):
     assert rate == report["tasks"]["coffee-button-v3"]["success_rate"] in (0.0, 1.0)  # measured over 1 episode
     assert summary["checks"]["two_tasks_at_least_50pct_success"] is False  # one task cannot make two
     assert os.path.isfile(ev["videos"]["coffee-button-v3"])
+    ro = summary["stages"]["rollouts"]
+    tv = ro["text_video"]
+    assert len(tv["metrics"]["psnr"]) == 4 and all(os.path.isfile(p) for p in tv["videos"] + tv["gifs"])
+    assert summary["checks"]["pretrained_beats_copy_last_psnr_first4"] == (
+        tv["mean_psnr_first4"] > tv["mean_psnr_first4_copy_last"])
+    assert os.path.isfile(ro["robot"]["action_plots"][0]) and len(ro["robot"]["metrics"]["ssim"]) >= 1

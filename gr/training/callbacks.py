@@ -59,3 +59,75 @@ class RunSummary(L.Callback):
         }
         with open(os.path.join(self._dir(trainer), "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+
+
+class RolloutVideos(L.Callback):
+    """Every `every_n_val_epochs` validations, predict the future frame of the first validation batch's samples with
+    the KV cache and write ground truth | prediction videos (history frames, then the future frame) to
+    `<dirpath>/step<N>/` and, with a WandbLogger, as `val/rollout` videos (offline runs keep them too).
+
+    Args:
+        every_n_val_epochs: how often (in validation runs) to write videos.
+        num_samples: samples of the first validation batch to roll out.
+        dirpath: output folder; default `<default_root_dir>/rollouts`.
+    """
+
+    def __init__(self, every_n_val_epochs: int = 1, num_samples: int = 2, dirpath: Optional[str] = None):
+        super().__init__()
+        if every_n_val_epochs < 1 or num_samples < 1:
+            raise ValueError("RolloutVideos: every_n_val_epochs and num_samples must be >= 1")
+        self.every, self.num_samples, self.dirpath = every_n_val_epochs, num_samples, dirpath
+        self._batch: Any = None
+        self._count = 0
+        self.written: list[dict[str, Any]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0:
+            self._batch = batch
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self._batch is None:
+            return
+        self._count += 1
+        if self._count % self.every or not trainer.is_global_zero:
+            return
+        import torch
+
+        with torch.no_grad():
+            samples = self._rollout(pl_module, self._batch, trainer)
+        self.written.append({"step": trainer.global_step, "samples": samples})
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_video("val/rollout", [s["gif"] for s in samples], step=trainer.global_step,
+                                 caption=[s["caption"] for s in samples])
+
+    def _rollout(self, module, batch, trainer) -> list[dict[str, Any]]:
+        import numpy as np
+
+        from gr.rollout import save_rollout
+
+        n = self.num_samples
+        robot = getattr(module, "robot_spec", None) is not None
+        if robot:
+            hist, fut = module.codes({k: v[:n] for k, v in batch.items() if k in ("history", "future")})
+            captions = batch["instruction"][:n]
+        else:
+            codes = batch["codes"][:n] if "codes" in batch else module.image_tokenizer.encode(batch["frames"][:n])
+            hist, fut = codes[:, :-1, None], codes[:, -1:]  # one unnamed view
+            captions = batch["caption"][:n]
+        text, mask = module.text_encoder(list(captions))
+        state = batch["state"][:n].float() if robot else None
+        pred = module.model.generate_future_frame(text, mask, hist if robot else hist[:, :, 0], state=state)
+        pred = pred if robot else pred[:, None]
+        dec = lambda c: module.image_tokenizer.decode(c.to(module.device)).cpu().numpy()  # noqa: E731
+        hist_img, true_img, pred_img = dec(hist), dec(fut), dec(pred)  # (B, Th, Nv, ...), (B, Nv, ...) x 2
+        out_dir = os.path.join(self.dirpath or os.path.join(trainer.default_root_dir, "rollouts"),
+                               f"step{trainer.global_step:06d}")
+        samples = []
+        th = hist_img.shape[1]
+        for b in range(hist_img.shape[0]):
+            true = np.concatenate([hist_img[b], true_img[b][None]])  # history, then the real future frame
+            shown = np.concatenate([hist_img[b], pred_img[b][None]])  # history, then the predicted one
+            samples.append(save_rollout(out_dir, f"sample{b:02d}", true, shown, hist_img[b, -1], str(captions[b]),
+                                        list(range(th + 1)), fps=2.0))
+        return samples

@@ -1,7 +1,8 @@
-"""Atomic checkpoint writes: serialize to a temp file in the same folder, fsync, then rename over the target."""
+"""Atomic checkpoint writes (temp file in the same folder, fsync, rename) and rebuilding a module from a checkpoint."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Optional
 
@@ -29,3 +30,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         # Our checkpoints hold only tensors and plain containers: never unpickle arbitrary objects.
         return torch.load(os.fspath(path), map_location=map_location or "cpu", weights_only=True)
+
+
+def module_from_checkpoint(path: str, map_location: str = "cpu"):
+    """Rebuild a gr LightningModule from its checkpoint (hyper-parameters + weights, weights_only)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file not found: {path!r}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    hparams = dict(ckpt.get("hyper_parameters", {}))
+    class_path = hparams.pop("_class_path", None)
+    if class_path is None:
+        raise ValueError(f"{path!r}: not a gr checkpoint (hyper_parameters lack _class_path)")
+    if "init_from" in hparams:
+        hparams["init_from"] = None  # the weights come from this checkpoint
+    mod_name, cls_name = class_path.rsplit(".", 1)
+    module = getattr(importlib.import_module(mod_name), cls_name)(**hparams)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.eval()

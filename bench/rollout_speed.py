@@ -1,0 +1,74 @@
+"""Rollout speed: frames/s of KV-cache generation vs full recomputation for every token, in one run.
+
+Prints one JSON object with, for each setting, frames/s with and without the cache and the speedup:
+- `demo`: the demo's pretraining model (4 layers x 128, 8x8 codes, 256 codes, 2 history frames), 8 frames;
+- `preset_S`: trunk preset S (12 x 448), 8x8 codes, 8 frames (a few minutes on 2 CPU cores; the target is >= 10x).
+Generation is greedy from random weights: the cost does not depend on the weights. Both paths produce the same tokens
+(asserted here and in tests/test_rollout.py).
+
+    .venv/bin/python bench/rollout_speed.py                 # both settings
+    .venv/bin/python bench/rollout_speed.py --settings demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SETTINGS = {"demo": {"num_layers": 4, "num_heads": 4, "width": 128}, "preset_S": {"preset": "S"}}
+
+
+def run(trunk: dict, num_frames: int, grid: int = 8, codebook: int = 256, batch: int = 1) -> dict:
+    from gr.config import ClipSpec, GRModelConfig
+    from gr.model import GRModel
+
+    torch.manual_seed(0)
+    cfg = GRModelConfig(trunk=trunk, clip=ClipSpec(num_history=2, image_size=grid * 8), max_text_tokens=16)
+    model = GRModel(cfg, codebook, grid, 512).eval()
+    text, mask = torch.randn(batch, 16, 512), torch.ones(batch, 16, dtype=torch.bool)
+    hist0 = torch.randint(0, codebook, (batch, 2, grid, grid))
+    out, seconds = {}, {}
+    for use_cache in (True, False):
+        hist, frames = hist0, []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(num_frames):
+                nxt = model.generate_future_frame(text, mask, hist, use_cache=use_cache)
+                frames.append(nxt)
+                hist = torch.cat([hist[:, 1:], nxt[:, None]], dim=1)
+        seconds[use_cache] = time.perf_counter() - t0
+        out[use_cache] = torch.stack(frames, 1)
+    assert torch.equal(out[True], out[False]), "cached and recomputed generation differ"
+    params = sum(p.numel() for p in model.parameters())
+    return {"trunk": trunk, "params": params, "grid": grid, "num_frames": num_frames, "batch": batch,
+            "tokens_per_frame": grid * grid, "cached_frames_per_s": round(num_frames / seconds[True], 3),
+            "recompute_frames_per_s": round(num_frames / seconds[False], 3),
+            "speedup": round(seconds[False] / seconds[True], 2), "identical_tokens": True}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--num-frames", type=int, default=8)
+    args = p.parse_args(argv)
+    result = {"benchmark": "rollout_speed", "date": time.strftime("%Y-%m-%d"),
+              "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "torch": torch.__version__}}
+    for name in args.settings:
+        result[name] = run(SETTINGS[name], args.num_frames)
+    if "preset_S" in result:
+        result["target_speedup_preset_S"] = 10.0
+        result["meets_target"] = result["preset_S"]["speedup"] >= 10.0
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""Rollouts for inspection: generate future frames with the KV cache and show them beside the ground truth.
+
+- Text-video checkpoints: from the first `num_history` frames of a clip and its caption, imagine N future frames
+  autoregressively (each generated frame joins the history), and compare with the clip's real frames.
+- Robot checkpoints: along an episode, predict every view's frame `future_frame_offset` steps ahead from the true
+  history and state (one-step predictions), and the action chunk, against what happened.
+
+Outputs per sample: an MP4 and a GIF (one row per view: ground truth | prediction, with the frame index and the
+caption/instruction overlaid), `metrics.json` with PSNR/SSIM per horizon step for the prediction and for the
+copy-last-frame baseline, `metrics.png`, and for robots `actions.png` (predicted vs true chunk per dimension).
+
+Legend: B samples, N generated frames, Nv views, S frame side, h/w code grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from gr.metrics import psnr, ssim
+
+
+def module_from_checkpoint(path: str, map_location: str = "cpu"):
+    """A gr module that can generate frames, rebuilt from its checkpoint."""
+    from gr.training.checkpoint_io import module_from_checkpoint as load
+
+    module = load(path, map_location)
+    if not hasattr(getattr(module, "model", None), "frame_head"):
+        raise ValueError(f"{path!r}: a {type(module).__name__} checkpoint has no frame head to generate frames with")
+    return module
+
+
+@torch.no_grad()
+def imagine(module, history_codes: torch.Tensor, captions: list[str], num_frames: int, temperature: float = 0.0,
+            top_k: Optional[int] = None, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
+    """Text-video: history codes (B, Th, h, w) -> N generated frames' codes (B, N, h, w), each joining the history."""
+    text, mask = module.text_encoder(captions)
+    gen = torch.Generator().manual_seed(seed)
+    hist, outs = history_codes, []
+    for _ in range(num_frames):
+        nxt = module.model.generate_future_frame(text, mask, hist, temperature, top_k, gen, use_cache)
+        outs.append(nxt)
+        hist = torch.cat([hist[:, 1:], nxt[:, None]], dim=1)
+    return torch.stack(outs, dim=1)
+
+
+def frame_metrics(pred: np.ndarray, true: np.ndarray, last: np.ndarray) -> dict[str, list[float]]:
+    """Per horizon step, averaged over samples and views: PSNR/SSIM of prediction and of copy-last-frame.
+    pred/true: uint8 (B, N, Nv, S, S, 3); last: (B, Nv, S, S, 3) or (B, N, Nv, S, S, 3), the last frame the model
+    saw (per step for one-step robot predictions)."""
+    p, t = torch.from_numpy(pred), torch.from_numpy(true)
+    c = torch.from_numpy(last)
+    c = (c[:, None] if c.dim() == t.dim() - 1 else c).expand_as(t)
+    clip = lambda x: x.clamp(max=100.0)  # noqa: E731 - identical frames give +inf PSNR; cap for averaging
+    return {"psnr": clip(psnr(p, t)).mean(dim=(0, 2)).tolist(), "ssim": ssim(p, t).mean(dim=(0, 2)).tolist(),
+            "psnr_copy_last": clip(psnr(c, t)).mean(dim=(0, 2)).tolist(),
+            "ssim_copy_last": ssim(c, t).mean(dim=(0, 2)).tolist()}
+
+
+def _label(img: np.ndarray, text: str) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(img)
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([0, 0, im.width, 10], fill=(0, 0, 0))
+    draw.text((2, -1), text, fill=(255, 255, 255))
+    return np.asarray(im)
+
+
+def grid_frames(true: np.ndarray, pred: np.ndarray, caption: str, indices: list[int], scale: int = 2) -> np.ndarray:
+    """(N, Nv, S, S, 3) x 2 -> (N, H, W, 3) video frames: one row per view, ground truth | prediction, a header with
+    the frame index and caption."""
+    n, nv, s = true.shape[:3]
+    rows = np.concatenate([np.concatenate([true[:, v], pred[:, v]], axis=2) for v in range(nv)], axis=1)
+    rows = rows.repeat(scale, axis=1).repeat(scale, axis=2)  # small frames are unreadable otherwise
+    header = np.zeros((n, 24, rows.shape[2], 3), np.uint8)
+    out = np.concatenate([header, rows], axis=1)
+    return np.stack([_label(f, f"t={i}  true | pred  {caption}"[:60]) for f, i in zip(out, indices)])
+
+
+def write_video(frames: np.ndarray, path_stem: str, fps: float = 4.0) -> dict[str, str]:
+    """Write `<stem>.mp4` (H.264) and `<stem>.gif`; returns their paths."""
+    from PIL import Image
+
+    from gr.data.video_io import encode_mp4
+
+    h, w = frames.shape[1:3]
+    even = frames[:, : h - h % 2, : w - w % 2]
+    with open(path_stem + ".mp4", "wb") as f:
+        f.write(encode_mp4(even, fps))
+    imgs = [Image.fromarray(f) for f in frames]
+    imgs[0].save(path_stem + ".gif", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    return {"mp4": path_stem + ".mp4", "gif": path_stem + ".gif"}
+
+
+def plot_metrics(metrics: dict[str, list[float]], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    steps = np.arange(1, len(metrics["psnr"]) + 1)
+    for ax, name in zip(axes, ("psnr", "ssim")):
+        ax.plot(steps, metrics[name], "o-", label="prediction")
+        ax.plot(steps, metrics[f"{name}_copy_last"], "s--", label="copy last frame")
+        ax.set_xlabel("horizon step")
+        ax.set_ylabel(name.upper())
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_actions(pred: np.ndarray, true: np.ndarray, path: str) -> str:
+    """pred/true: (T, A) first actions of each predicted chunk vs what was executed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = pred.shape[1]
+    fig, axes = plt.subplots(a, 1, figsize=(6, 1.6 * a), sharex=True)
+    for d, ax in enumerate(np.atleast_1d(axes)):
+        ax.plot(true[:, d], label="true")
+        ax.plot(pred[:, d], "--", label="predicted")
+        ax.set_ylabel(f"a[{d}]")
+    np.atleast_1d(axes)[0].legend(loc="upper right")
+    np.atleast_1d(axes)[-1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def save_rollout(out_dir: str, name: str, true: np.ndarray, pred: np.ndarray, last: np.ndarray, caption: str,
+                 indices: list[int], fps: float) -> dict[str, Any]:
+    """Write one sample's video files and metrics; true/pred (N, Nv, S, S, 3), last (Nv, ...) or (N, Nv, ...)."""
+    os.makedirs(out_dir, exist_ok=True)
+    files = write_video(grid_frames(true, pred, caption, indices), os.path.join(out_dir, name), fps)
+    metrics = frame_metrics(pred[None], true[None], last[None])
+    return {"name": name, "caption": caption, **files, "metrics": metrics}
+
+
+def summarize(samples: list[dict[str, Any]], out_dir: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Average per-sample metrics over samples, write metrics.json and metrics.png."""
+    keys = samples[0]["metrics"].keys()
+    mean = {k: np.mean([s["metrics"][k] for s in samples], axis=0).round(4).tolist() for k in keys}
+    report = {**extra, "metrics": mean, "samples": samples,
+              "plot": plot_metrics(mean, os.path.join(out_dir, "metrics.png"))}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+# ---- sources ----
+def _video_frames(data: bytes | str, fps: float, size: int, start: float = 0.0, end: Optional[float] = None):
+    from gr.data.video_io import get_frames, open_video, resample_indices, resize_center_crop
+
+    vr = open_video(data)
+    idx = resample_indices(len(vr), vr.get_avg_fps(), fps, start, end)
+    return resize_center_crop(get_frames(vr, [int(i) for i in idx]), size)
+
+
+def clip_sources(source: str, caption: Optional[str], clip, count: int) -> list[tuple[str, np.ndarray, str]]:
+    """(key, frames (T, S, S, 3) at clip.fps, caption) from an mp4 (+ caption) or text-video shards."""
+    from gr.data.shards import expand_urls, parse_meta, raw_samples
+
+    if source.endswith(".mp4"):
+        if not caption:
+            raise ValueError("--caption is required with an mp4 source")
+        return [(os.path.basename(source), _video_frames(source, clip.fps, clip.image_size), caption)]
+    out = []
+    for raw in raw_samples(expand_urls(source, "--source")):
+        key = f"{os.path.basename(raw.get('__url__', '?'))}:{raw.get('__key__', '?')}"
+        if "mp4" not in raw or "json" not in raw:
+            continue
+        meta = parse_meta(raw["json"], key)
+        frames = _video_frames(raw["mp4"], clip.fps, clip.image_size, meta.get("start") or 0.0, meta.get("end"))
+        out.append((key, frames, caption or meta["caption"]))
+        if len(out) == count:
+            break
+    if not out:
+        raise ValueError(f"--source {source!r}: no text-video sample (mp4 + json) found")
+    return out
+
+
+def rollout_text_video(module, source: str, out_dir: str, caption: Optional[str] = None, num_samples: int = 1,
+                       num_frames: int = 8, temperature: float = 0.0, top_k: Optional[int] = None, seed: int = 0,
+                       use_cache: bool = True) -> dict[str, Any]:
+    """Imagine `num_frames` frames for each of `num_samples` clips (one batched generation) and write the results."""
+    clip = module.clip_spec
+    th, step = clip.num_history, clip.future_frame_offset
+    sources = clip_sources(source, caption, clip, num_samples)
+    need = th + num_frames * step
+    for key, frames, _ in sources:
+        if len(frames) < th:
+            raise ValueError(f"--source {key}: {len(frames)} frames at {clip.fps} fps, fewer than the model's "
+                             f"history ({th})")
+        if len(frames) < need:
+            raise ValueError(f"--source {key}: {len(frames)} frames at {clip.fps} fps; {num_frames} future frames at "
+                             f"offset {step} need {need}")
+    frames = torch.from_numpy(np.stack([f[:need] for _, f, _ in sources]))  # (B, need, S, S, 3)
+    codes = module.image_tokenizer.encode(frames[:, :th])
+    gen = imagine(module, codes, [c for _, _, c in sources], num_frames, temperature, top_k, seed, use_cache)
+    pred = module.image_tokenizer.decode(gen).numpy()[:, :, None]  # (B, N, 1, S, S, 3)
+    idx = [th - 1 + (i + 1) * step for i in range(num_frames)]
+    true = frames[:, idx].numpy()[:, :, None]
+    samples = [save_rollout(out_dir, f"sample{b:02d}", true[b], pred[b], frames[b, th - 1].numpy()[None],
+                            sources[b][2], idx, clip.fps) | {"key": sources[b][0]} for b in range(len(sources))]
+    return summarize(samples, out_dir, {"kind": "text-video", "num_frames": num_frames, "temperature": temperature,
+                                        "top_k": top_k, "seed": seed})
+
+
+def rollout_robot(module, source: str, out_dir: str, num_samples: int = 1, num_frames: int = 8,
+                  temperature: float = 0.0, top_k: Optional[int] = None, seed: int = 0,
+                  views: Optional[list[str]] = None) -> dict[str, Any]:
+    """Along each of `num_samples` episodes: one-step frame predictions at N steps, plus action chunks."""
+    from gr.data.robot import make_windows, normalizer
+    from gr.data.robot_stream import RobotWindowStream
+    from gr.data.shards import SampleError, expand_urls, raw_samples
+
+    robot, clip = module.robot_spec, module.clip_spec
+    shown = views or robot.view_names
+    unknown = [v for v in shown if v not in robot.view_names]
+    if unknown:
+        raise ValueError(f"--views: unknown view {unknown[0]!r}; this model's views are {robot.view_names}")
+    norm = normalizer(module.normalization_stats(), robot.arm_index, robot.gripper_index)
+    stream = RobotWindowStream([], robot, clip, norm)
+    samples = []
+    for raw in raw_samples(expand_urls(source, "--source")):
+        key = f"{os.path.basename(raw.get('__url__', '?'))}:{raw.get('__key__', '?')}"
+        try:
+            frames, state, action, instruction = stream.episode(raw, key)
+        except SampleError as exc:
+            raise ValueError(f"--source: {exc}") from None
+        samples.append(_robot_episode(module, out_dir, f"sample{len(samples):02d}", key, frames, state, action,
+                                      instruction, norm, num_frames, temperature, top_k, seed, shown, make_windows))
+        if len(samples) == num_samples:
+            break
+    if not samples:
+        raise ValueError(f"--source {source!r}: no robot episode found")
+    return summarize(samples, out_dir, {"kind": "robot", "num_frames": num_frames, "temperature": temperature,
+                                        "top_k": top_k, "seed": seed, "views": shown})
+
+
+@torch.no_grad()
+def _robot_episode(module, out_dir, name, key, frames, state, action, instruction, norm, num_frames, temperature,
+                   top_k, seed, shown, make_windows) -> dict[str, Any]:
+    robot, clip = module.robot_spec, module.clip_spec
+    th, step = clip.num_history, clip.future_frame_offset
+    t_steps = list(range(th - 1, len(state) - step, step))[:num_frames]
+    if not t_steps:
+        raise ValueError(f"--source {key}: {len(state)} steps, fewer than the model's history ({th}) plus the "
+                         f"future offset ({step})")
+    codes = {v: module.image_tokenizer.encode(torch.from_numpy(frames[v])) for v in robot.view_names}
+    ws = list(make_windows({v: c.numpy() for v, c in codes.items()}, state, action, norm, robot.view_names,
+                           list(range(len(state))), th, step, robot.action_chunk))
+    hist = torch.from_numpy(np.stack([w["history"] for w in ws]))
+    st = torch.from_numpy(np.stack([w["state"] for w in ws]))
+    text, mask = module.text_encoder([instruction] * len(ws))
+    sel = torch.tensor(t_steps)
+    gen = module.model.generate_future_frame(text[sel], mask[sel], hist[sel], temperature, top_k,
+                                             torch.Generator().manual_seed(seed), state=st[sel])
+    vi = [robot.view_names.index(v) for v in shown]
+    pred = module.image_tokenizer.decode(gen[:, vi]).numpy()  # (N, Nv', S, S, 3)
+    true = np.stack([np.stack([frames[v][t + step] for v in shown]) for t in t_steps])
+    last = np.stack([np.stack([frames[v][t] for v in shown]) for t in t_steps])
+    result = save_rollout(out_dir, name, true, pred, last, instruction, [t + step for t in t_steps], 4.0)
+    arm, grip, _, _ = module.model.action_head(module.model.readout_features(text, mask, hist, st))
+    first = np.zeros((len(ws), robot.action_dim), np.float32)
+    first[:, robot.arm_index] = arm[:, 0].numpy() * norm["action_std"][robot.arm_index] + \
+        norm["action_mean"][robot.arm_index]
+    if grip is not None:
+        gi = robot.gripper_index
+        first[:, gi] = np.where(grip[:, 0].numpy() > 0, norm["gripper_high"][gi], norm["gripper_low"][gi])
+    result["actions_plot"] = plot_actions(first, action, os.path.join(out_dir, f"{name}_actions.png"))
+    result["action_l1"] = float(np.abs(first - action).mean())
+    return result | {"key": key}
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="gr rollout", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="pretraining or finetuning Lightning checkpoint")
+    p.add_argument("--source", required=True,
+                   help="text-video shard(s) (brace pattern), an mp4 (with --caption), or robot episode shard(s)")
+    p.add_argument("--caption", default=None, help="caption for an mp4 source (overrides shard captions)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples/episodes rolled out in one batched call")
+    p.add_argument("--num-frames", type=int, default=8, help="future frames to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--views", nargs="+", default=None, help="robot views to show (default: all)")
+    p.add_argument("--out", default="outputs/rollout")
+    args = p.parse_args(argv)
+    try:
+        module = module_from_checkpoint(args.checkpoint)
+        if getattr(module, "robot_spec", None) is not None:
+            report = rollout_robot(module, args.source, args.out, args.num_samples, args.num_frames,
+                                   args.temperature, args.top_k, args.seed, args.views)
+        else:
+            if args.views:
+                raise ValueError("--views: a text-video checkpoint has a single, unnamed view")
+            report = rollout_text_video(module, args.source, args.out, args.caption, args.num_samples,
+                                        args.num_frames, args.temperature, args.top_k, args.seed)
+    except ValueError as exc:
+        p.error(str(exc))
+    print(json.dumps(report["metrics"], indent=2))
+    return report
