@@ -72,7 +72,9 @@ def test_finetune_entry_point_trains_from_a_pretraining_checkpoint(robot_shards,
            "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "default_root_dir": str(root),
                        "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
                        "limit_val_batches": 1, "val_check_interval": 3, "check_val_every_n_epoch": None,
-                       "num_sanity_val_steps": 0},
+                       "num_sanity_val_steps": 0,
+                       "callbacks": [{"class_path": "gr.training.callbacks.RolloutVideos",
+                                      "init_args": {"num_samples": 2}}]},
            "model": {"class_path": "gr.training.finetune.FinetuneModule",
                      "init_args": {**module_init_args(model=TINY_ROBOT_MODEL), "init_from": str(pre_path)}},
            "data": {"class_path": "gr.data.robot_stream.RobotDataModule",
@@ -89,6 +91,9 @@ def test_finetune_entry_point_trains_from_a_pretraining_checkpoint(robot_shards,
     stats = json.load(open(robot_shards["stats_file"]))
     assert torch.allclose(ckpt["state_dict"]["stats_action"][1], torch.tensor(stats["action"]["std"]))
     assert ckpt["global_step"] == 3
+    from PIL import Image
+
+    assert Image.open(root / "rollouts" / "step000003" / "sample01.gif").n_frames == 3  # 2 history steps + future
 
 
 def test_policy_step_executes_chunks_or_ensembles(robot_ckpt, monkeypatch):
