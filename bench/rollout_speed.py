@@ -4,7 +4,8 @@ Prints one JSON object with, for each setting, frames/s with and without the cac
 - `demo`: the demo's pretraining model (4 layers x 128, 8x8 codes, 256 codes, 2 history frames), 8 frames;
 - `preset_S`: trunk preset S (12 x 448), 8x8 codes, 8 frames (a few minutes on 2 CPU cores; the target is >= 10x).
 Generation is greedy from random weights: the cost does not depend on the weights. Both paths produce the same tokens
-(asserted here and in tests/test_rollout.py).
+(asserted here and in tests/test_rollout.py). At batch 1 a cached step is a matrix-vector product per weight matrix,
+bound by memory bandwidth (the whole model is read per token); `--batch` shares those reads across samples.
 
     .venv/bin/python bench/rollout_speed.py                 # both settings
     .venv/bin/python bench/rollout_speed.py --settings demo
@@ -48,8 +49,8 @@ def run(trunk: dict, num_frames: int, grid: int = 8, codebook: int = 256, batch:
     assert torch.equal(out[True], out[False]), "cached and recomputed generation differ"
     params = sum(p.numel() for p in model.parameters())
     return {"trunk": trunk, "params": params, "grid": grid, "num_frames": num_frames, "batch": batch,
-            "tokens_per_frame": grid * grid, "cached_frames_per_s": round(num_frames / seconds[True], 3),
-            "recompute_frames_per_s": round(num_frames / seconds[False], 3),
+            "tokens_per_frame": grid * grid, "cached_frames_per_s": round(batch * num_frames / seconds[True], 3),
+            "recompute_frames_per_s": round(batch * num_frames / seconds[False], 3),
             "speedup": round(seconds[False] / seconds[True], 2), "identical_tokens": True}
 
 
@@ -57,12 +58,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1, help="samples generated together (gr rollout --num-samples)")
     args = p.parse_args(argv)
     result = {"benchmark": "rollout_speed", "date": time.strftime("%Y-%m-%d"),
               "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__}}
     for name in args.settings:
-        result[name] = run(SETTINGS[name], args.num_frames)
+        result[name] = run(SETTINGS[name], args.num_frames, batch=args.batch)
     if "preset_S" in result:
         result["target_speedup_preset_S"] = 10.0
         result["meets_target"] = result["preset_S"]["speedup"] >= 10.0
