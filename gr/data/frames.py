@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gr.config import ConfigError, as_config
-from gr.data.shards import expand_urls
+from gr.data.shards import expand_urls, split_for_reader
 from gr.data.video_io import VideoDecodeError, get_frames_min_size, open_video, resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,10 @@ class FrameStream(IterableDataset):
         self.resume_tag = 0  # batches consumed before a resume: reseeds the stream so it does not replay frames
 
     def _my_urls(self, urls: list[str], epoch: int) -> list[str]:
-        rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        urls = list(urls)
-        if self.endless:
-            random.Random(f"{self.seed}-{self.resume_tag}-{epoch}").shuffle(urls)
-        mine = urls[rank::world][worker::num_workers]
+        mine, rank, worker = split_for_reader(urls, self.endless, f"{self.seed}-{self.resume_tag}", epoch)
         if not mine and self.endless:  # fewer shards than readers: share one rather than starve
-            mine = [urls[(rank * num_workers + worker) % len(urls)]]
+            info = get_worker_info()
+            mine = [urls[(rank * (info.num_workers if info else 1) + worker) % len(urls)]]
         return mine
 
     def decode(self, raw: dict[str, Any], member: str, rng: random.Random, key: str) -> np.ndarray:

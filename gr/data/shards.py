@@ -121,7 +121,7 @@ def decode_token_clip(npy: bytes, meta: dict[str, Any], clip: ClipSpec, rng: ran
     return out
 
 
-def split_for_reader(all_urls: list[str], shuffle: bool, seed: int, epoch: int) -> tuple[list[str], int, int]:
+def split_for_reader(all_urls: list[str], shuffle: bool, seed: int | str, epoch: int) -> tuple[list[str], int, int]:
     """This reader's shards: (seeded per-epoch shuffle, then) split by node/rank, then by DataLoader worker.
     Returns (urls, rank, worker)."""
     rank, world = 0, 1
