@@ -24,12 +24,12 @@ $(STAMP): pyproject.toml constraints-cpu.txt tools/torchvision_cpu_shim.py | apt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints-cpu.txt torch==2.13.0 torchvision==0.28.0
-	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[test]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints-cpu.txt -e '.[test,scale]'
 	$(BIN)/pip install -q --no-deps taming-transformers-rom1504==0.0.6
 	@site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	cp tools/torchvision_cpu_shim.py $$site/_gr_torchvision_cpu_shim.py; \
 	echo "import _gr_torchvision_cpu_shim; _gr_torchvision_cpu_shim.install()" > $$site/_gr_torchvision_cpu_shim.pth
-	$(BIN)/python -c "import lightning, open_clip, taming.modules.diffusionmodules.model, decord, webdataset; print('[make] environment ok')"
+	$(BIN)/python -c "import lightning, open_clip, taming.modules.diffusionmodules.model, decord, webdataset, deepspeed; print('[make] environment ok')"
 	@touch $(STAMP)
 
 install: $(STAMP)

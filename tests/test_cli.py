@@ -11,7 +11,8 @@ import pytest
 from gr.cli import run_lightning_cli
 from tests.conftest import REPO, write_config
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+CONFIGS = sorted(c for c in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+                 if os.sep + "strategy" + os.sep not in c)  # strategy overlays: tests/test_strategies.py
 
 
 def test_there_are_configs():

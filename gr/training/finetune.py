@@ -37,11 +37,13 @@ class FinetuneModule(PretrainModule):
             loaded; which were loaded, new and dropped is logged and kept in `init_report`.
         init_strict: fail when a weight the pretraining model has (trunk, embeddings, heads) is missing or misfits.
         freeze: parameter-name prefixes of `model` to keep frozen (e.g. ["trunk.", "code_emb."]).
+        compile: torch.compile each transformer block (see PretrainModule).
     """
 
     def __init__(self, model, text_encoder, image_tokenizer, optim=None, loss: Optional[FinetuneLossConfig] = None,
-                 init_from: Optional[str] = None, init_strict: bool = True, freeze: Optional[list[str]] = None):
-        super().__init__(model, text_encoder, image_tokenizer, optim)
+                 init_from: Optional[str] = None, init_strict: bool = True, freeze: Optional[list[str]] = None,
+                 compile: bool = False):
+        super().__init__(model, text_encoder, image_tokenizer, optim, compile=compile)
         if self.model_cfg.robot is None:
             raise ConfigError("model.robot: finetuning needs the robot parts (view_names, state_dim, action_dim, ...)")
         loss = as_config(FinetuneLossConfig, loss or {}, "loss")

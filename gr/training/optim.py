@@ -32,9 +32,11 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int):
-    opt = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                            fused=torch.cuda.is_available() or None)
+def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int, optimizer_cls: type = torch.optim.AdamW):
+    """AdamW over `param_groups` and the warmup + cosine LambdaLR. `optimizer_cls` swaps in another AdamW
+    implementation (DeepSpeed's CPU Adam under ZeRO-Offload, see gr.distributed.optimizer_class)."""
+    extra = {"fused": torch.cuda.is_available() or None} if optimizer_cls is torch.optim.AdamW else {}
+    opt = optimizer_cls(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, **extra)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
     return opt, sched

@@ -33,10 +33,12 @@ class PretrainModule(L.LightningModule):
         text_encoder: frozen open_clip text tower config.
         image_tokenizer: frozen taming-format VQGAN config.
         optim: AdamW + warmup/cosine config.
+        compile: torch.compile each transformer block's training forward (gr.distributed.apply_compile) when the
+            Trainer sets the model up. Generation with the KV cache stays eager.
     """
 
     def __init__(self, model: GRModelConfig, text_encoder: TextEncoderConfig,
-                 image_tokenizer: ImageTokenizerConfig, optim: Optional[OptimConfig] = None):
+                 image_tokenizer: ImageTokenizerConfig, optim: Optional[OptimConfig] = None, compile: bool = False):
         super().__init__()
         model = as_config(GRModelConfig, model, "model")
         text_encoder = as_config(TextEncoderConfig, text_encoder, "text_encoder")
@@ -46,8 +48,9 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters({"_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
                                    "model": dataclasses.asdict(model), "text_encoder": dataclasses.asdict(text_encoder),
                                    "image_tokenizer": dataclasses.asdict(image_tokenizer),
-                                   "optim": dataclasses.asdict(optim)})
+                                   "optim": dataclasses.asdict(optim), "compile": bool(compile)})
         self.model_cfg, self.optim_cfg = model, optim
+        self.compile_blocks, self._compiled = bool(compile), False
         self.text_encoder = FrozenTextEncoder(text_encoder, max_tokens=model.max_text_tokens)
         self.image_tokenizer = FrozenVQGAN(image_tokenizer)
         grid = self.image_tokenizer.grid_size(model.clip.image_size)
@@ -130,6 +133,14 @@ class PretrainModule(L.LightningModule):
         self.log("val/token_acc", acc, prog_bar=True, batch_size=bs, sync_dist=True)
         return loss
 
+    def configure_model(self) -> None:
+        """Lightning calls this once the strategy is set up; strategies shard afterwards (FSDP2Strategy)."""
+        if self.compile_blocks and not self._compiled:
+            from gr.distributed import apply_compile
+
+            log.info("torch.compile: %d transformer blocks", apply_compile(self.model))
+            self._compiled = True
+
     def configure_optimizers(self):
         total = self.optim_cfg.total_steps or self.trainer.max_steps
         if total is None or total <= 0:
@@ -137,7 +148,9 @@ class PretrainModule(L.LightningModule):
             if not np.isfinite(est):
                 raise ValueError("optim.total_steps: set it or trainer.max_steps (streaming data has no length)")
             total = int(est)
-        opt, sched = build_optimizer(self.model, self.optim_cfg, total)
+        from gr.distributed import optimizer_class
+
+        opt, sched = build_optimizer(self.model, self.optim_cfg, total, optimizer_class(self.trainer.strategy))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -1,0 +1,175 @@
+"""Scale-out helpers: FSDP2 sharding, per-block torch.compile and DeepSpeed configs, applied to an unchanged model.
+
+The model code (gr/model) imports none of this; the wrapping and compile policies name its block class,
+`gr.model.gpt.Block`. Activation checkpointing is a trunk flag (`model.trunk.activation_checkpointing`): it uses only
+`torch.utils.checkpoint`, so it works the same under DDP, FSDP2 and DeepSpeed.
+
+Strategies are chosen in YAML (configs/strategy/*.yaml):
+- `ddp`: Lightning's DDPStrategy, every rank holds the whole model;
+- `fsdp2`: `FSDP2Strategy` below, Lightning's ModelParallelStrategy restricted to data parallel FSDP2 (`fully_shard`
+  per block, then per trainable model); it also runs on CPU processes (gloo), so CI trains with it;
+- `deepspeed_stage_2`/`_3` (+ `_offload`): Lightning's DeepSpeedStrategy (CUDA only in Lightning). `deepspeed_config`
+  builds the same ZeRO configs for raw `deepspeed.initialize` (used by the CPU tests and the memory benchmark).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from gr.model.gpt import Block
+
+log = logging.getLogger(__name__)
+
+BLOCK_CLASS = Block  # the unit of FSDP wrapping, activation checkpointing and compilation
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """Every transformer block inside `module`, in registration order."""
+    return [m for m in module.modules() if isinstance(m, BLOCK_CLASS)]
+
+
+def trainable_children(module: nn.Module) -> list[nn.Module]:
+    """Direct children of `module` that hold trainable parameters (the frozen encoders are left out)."""
+    return [child for child in module.children() if any(p.requires_grad for p in child.parameters())]
+
+
+def apply_fsdp2(module: nn.Module, mesh, reshard_after_forward: bool = True,
+                mp_policy: Optional[Any] = None) -> list[nn.Module]:
+    """Shard the trainable part of a LightningModule with FSDP2: each block, then each trainable child.
+
+    Frozen encoders (no trainable parameters) stay replicated: they are small next to the trunk, run under no_grad
+    and are never checkpointed, so sharding them would only add an all-gather to every step.
+
+    Args:
+        module: the LightningModule (or any container of the GR model).
+        mesh: a 1-D data-parallel DeviceMesh.
+        reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3-like memory) or keep them
+            until backward (ZeRO-2-like speed).
+        mp_policy: optional `torch.distributed.fsdp.MixedPrecisionPolicy`.
+    Returns:
+        The modules that were sharded as roots (one per trainable child).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    roots = trainable_children(module)
+    if not roots:
+        raise ValueError("FSDP2: the module has no trainable parameters to shard")
+    for root in roots:
+        for block in transformer_blocks(root):
+            fully_shard(block, **kwargs)
+        fully_shard(root, **kwargs)
+    return roots
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy as pure data-parallel FSDP2: data_parallel_size = world size, no tensor
+    parallelism, and the sharding applied here (the LightningModule only compiles in `configure_model`).
+
+    The stock strategy's "auto" sizes mean data parallel across nodes and tensor parallel within a node, which a GPT
+    without tensor-parallel plans cannot use; this class fixes the mesh instead of asking every config for numbers.
+
+    Args:
+        reshard_after_forward: see `apply_fsdp2` (True for the largest presets, False trades memory for speed).
+        save_distributed_checkpoint: True writes a sharded checkpoint folder (torch.distributed.checkpoint); False
+            gathers one full .ckpt on rank 0, which `gr rollout`, `GRPolicy` and `init_from` read directly.
+        process_group_backend: None = nccl on GPUs, gloo on CPUs.
+        timeout: collective timeout.
+    """
+
+    def __init__(self, reshard_after_forward: bool = True, save_distributed_checkpoint: bool = False,
+                 process_group_backend: Optional[str] = None, timeout: Optional[timedelta] = timedelta(minutes=30)):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        roots = apply_fsdp2(self.lightning_module, self.device_mesh["data_parallel"], self.reshard_after_forward)
+        log.info("FSDP2: sharded %d blocks in %s over %d ranks", sum(len(transformer_blocks(r)) for r in roots),
+                 [type(r).__name__ for r in roots], self.world_size)
+        super().setup(trainer)
+
+
+def apply_compile(module: nn.Module, mode: Optional[str] = None, backend: str = "inductor") -> int:
+    """Compile each transformer block's training forward in place (torchtitan-style per-block compile).
+
+    Per-block compilation keeps parameter names unchanged (checkpoints stay interchangeable) and composes with FSDP2
+    and activation checkpointing. Calls with a KV cache (generation: one token at a time, growing lengths) stay eager,
+    so rollouts during validation never trigger recompilation.
+
+    Args:
+        module: any module containing transformer blocks.
+        mode: torch.compile mode (None = default; "max-autotune" for long GPU runs).
+        backend: torch.compile backend ("inductor"; tests use "aot_eager" to skip C++ code generation).
+    Returns:
+        The number of blocks compiled.
+    """
+    blocks = transformer_blocks(module)
+    for block in blocks:
+        eager = block.forward
+        compiled = torch.compile(eager, mode=mode, backend=backend, dynamic=False)
+
+        def forward(x, mask=None, cache=None, layer=0, _eager=eager, _compiled=compiled):
+            return (_eager if cache is not None else _compiled)(x, mask, cache, layer)
+
+        block.forward = forward
+    return len(blocks)
+
+
+def is_deepspeed_offload(strategy) -> bool:
+    """True when `strategy` is a DeepSpeed strategy that offloads optimizer states to the CPU."""
+    config = getattr(strategy, "config", None)
+    if not isinstance(config, dict) or type(strategy).__name__ != "DeepSpeedStrategy":
+        return False
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device") in ("cpu", "nvme")
+
+
+def optimizer_class(strategy) -> type:
+    """The AdamW implementation for a strategy: DeepSpeed's CPU Adam when states are offloaded (DeepSpeed refuses a
+    plain torch optimizer with ZeRO-Offload), torch's AdamW otherwise."""
+    if is_deepspeed_offload(strategy):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam
+    return torch.optim.AdamW
+
+
+def deepspeed_config(stage: int, micro_batch_size: int, grad_accum: int = 1, world_size: int = 1,
+                     offload_optimizer: bool = False, bf16: bool = False, grad_clip: float = 0.0) -> dict:
+    """A ZeRO config for raw `deepspeed.initialize`, matching what configs/strategy/deepspeed_*.yaml ask Lightning for.
+
+    Args:
+        stage: ZeRO stage (0, 1, 2, 3).
+        micro_batch_size: samples per rank per forward.
+        grad_accum: micro-batches per optimizer step.
+        world_size: data-parallel ranks (for the global batch size DeepSpeed checks).
+        offload_optimizer: keep optimizer states (and the step) on the CPU.
+        bf16: bf16 weights and activations with fp32 master weights.
+        grad_clip: global gradient-norm clip (0 = off).
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed stage: must be 0-3, got {stage!r}")
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch_size * grad_accum * world_size, "gradient_clipping": grad_clip,
+            "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False}
