@@ -149,7 +149,8 @@ def optimizer_class(strategy) -> type:
 
 
 def deepspeed_config(stage: int, micro_batch_size: int, grad_accum: int = 1, world_size: int = 1,
-                     offload_optimizer: bool = False, bf16: bool = False, grad_clip: float = 0.0) -> dict:
+                     offload_optimizer: bool = False, bf16: bool = False, grad_clip: float = 0.0,
+                     bucket_size: float = 5e7) -> dict:
     """A ZeRO config for raw `deepspeed.initialize`, matching what configs/strategy/deepspeed_*.yaml ask Lightning for.
 
     Args:
@@ -160,13 +161,15 @@ def deepspeed_config(stage: int, micro_batch_size: int, grad_accum: int = 1, wor
         offload_optimizer: keep optimizer states (and the step) on the CPU.
         bf16: bf16 weights and activations with fp32 master weights.
         grad_clip: global gradient-norm clip (0 = off).
+        bucket_size: elements per all-gather / reduce bucket (the YAMLs' value; DeepSpeed allocates whole buckets, so
+            Lightning's 2e8 default would cost more than all gradients of presets S and B).
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed stage: must be 0-3, got {stage!r}")
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                            "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+                            "reduce_bucket_size": bucket_size, "allgather_bucket_size": bucket_size}
     if stage == 3:
-        zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5)
+        zero.update(stage3_prefetch_bucket_size=bucket_size, stage3_param_persistence_threshold=1e5)  # Lightning's
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
