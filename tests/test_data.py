@@ -180,3 +180,44 @@ def test_manifest_errors_name_the_row(tmp_path):
     bad.write_text("path,caption,start\nx.mp4,,\n")
     with pytest.raises(ValueError, match="row 1.*caption"):
         read_manifest(str(bad))
+
+
+def test_resampled_stream_is_endless_seeded_and_differs_per_rank(synthetic_shards, monkeypatch):
+    import gr.data.shards as shards
+
+    urls = expand_urls(synthetic_shards["train_shards"], "train")
+
+    def first_keys(rank: int, n: int = 60) -> list[str]:
+        monkeypatch.setattr(shards, "reader_ids", lambda: (rank, 2, 0, 1))
+        it = iter(ClipStream(urls, CLIP, shuffle=True, shuffle_buffer=4, seed=1, resampled=True))
+        return [next(it)["key"] for _ in range(n)]
+
+    r0 = first_keys(0)
+    assert len(r0) == 60 > 48  # more than the shards hold: drawn with replacement, never runs dry
+    assert len(set(r0)) < len(r0)
+    assert first_keys(0) == r0  # seeded: a restart draws the same stream
+    assert first_keys(1) != r0  # each rank its own draw of all shards (no split, so no rank starves)
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_batches_per_epoch_sets_the_epoch_and_resumes(synthetic_shards, resampled):
+    urls = expand_urls(synthetic_shards["train_shards"], "train")
+
+    def loader():
+        ds = ClipStream(urls, CLIP, shuffle=True, shuffle_buffer=8, resampled=resampled)
+        return ClipStreamLoader(ds, batches_per_epoch=5, batch_size=4, num_workers=0)
+
+    full = loader()
+    epoch0 = [b["key"] for b in full]
+    assert len(epoch0) == 5 and full.state_dict()["epoch"] == 1
+    epoch1 = [b["key"] for b in full]
+    assert len(epoch1) == 5 and epoch1 != epoch0
+    a = loader()
+    it = iter(a)
+    for _ in range(2):
+        a.mark_consumed(next(it)["position"])
+    b = loader()
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict()["consumed_batches"] == 2
+    assert [batch["key"] for batch in b] == epoch0[2:]  # the rest of the epoch, exactly, and no more
+    assert b.state_dict() == {"epoch": 1, "positions": {}, "consumed_batches": 0}

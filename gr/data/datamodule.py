@@ -31,28 +31,44 @@ class ClipStreamLoader(DataLoader):
 
     Progress is recorded only for batches handed to the training step (`mark_consumed`, called from the data module's
     `on_before_batch_transfer`), not for batches Lightning has merely prefetched.
+
+    Args:
+        dataset: the clip stream.
+        batches_per_epoch: end each epoch after this many batches (per rank). Needed with a resampled (endless)
+            stream to have epochs at all; with a finite one it also gives every rank the same number of steps.
     """
 
-    def __init__(self, dataset: ClipStream, **kwargs):
+    def __init__(self, dataset: ClipStream, batches_per_epoch: Optional[int] = None, **kwargs):
         super().__init__(dataset, collate_fn=collate_clips, **kwargs)
+        self.batches_per_epoch = batches_per_epoch
         self.progress = StreamState(epoch=0, positions={})
+        self.consumed_batches = 0  # in the current epoch
 
     def __iter__(self):
         self.dataset.state = StreamState(self.progress.epoch, dict(self.progress.positions or {}))
-        yield from super().__iter__()
-        self.progress = StreamState(self.progress.epoch + 1, {})  # a full pass: next epoch starts fresh
+        left = None if self.batches_per_epoch is None else self.batches_per_epoch - self.consumed_batches
+        for i, batch in enumerate(super().__iter__()):
+            if left is not None and i >= left:
+                break
+            yield batch
+        # a full pass: the next epoch starts fresh
+        self.progress, self.consumed_batches = StreamState(self.progress.epoch + 1, {}), 0
 
     def mark_consumed(self, position: torch.Tensor) -> None:
+        if int(position[0, 0]) == self.progress.epoch:
+            self.consumed_batches += 1
         for epoch, worker, pos in position.tolist():
             # The last batches of an epoch reach the training step after the loader has already rolled over.
             if epoch == self.progress.epoch and pos > self.progress.positions.get(worker, 0):
                 self.progress.positions[worker] = pos
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.progress.epoch, "positions": dict(self.progress.positions)}
+        return {"epoch": self.progress.epoch, "positions": dict(self.progress.positions),
+                "consumed_batches": self.consumed_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress = StreamState(int(state["epoch"]), {int(k): int(v) for k, v in state["positions"].items()})
+        self.consumed_batches = int(state.get("consumed_batches", 0))
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -71,12 +87,21 @@ class VideoDataModule(L.LightningDataModule):
         clip: optional explicit ClipSpec; must equal the model's when both are set.
         shard_format: "video" (`{key}.mp4`, decoded and tokenized during training) or "tokens" (`{key}.tokens.npy`
             written by data_prep/tokenize_shards.py with the model's tokenizer; no decoding, no encoder).
+        resampled: draw training shards with replacement, per rank and worker (webdataset's `resampled=True`):
+            the stream never ends, no rank runs out before another, and any shard count works with any number of
+            nodes x GPUs x workers. The recommended mode for multi-node runs.
+        batches_per_epoch: epoch length in batches per rank. With `resampled` it defines the (nominal) epoch;
+            without it, None means one pass over this rank's shards.
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: Optional[str | list[str]] = None,
                  batch_size: int = 16, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
-                 clip: Optional[ClipSpec] = None, shard_format: str = "video"):
+                 clip: Optional[ClipSpec] = None, shard_format: str = "video", resampled: bool = False,
+                 batches_per_epoch: Optional[int] = None):
         super().__init__()
+        if batches_per_epoch is not None and batches_per_epoch < 1:
+            raise ConfigError(f"data.batches_per_epoch must be >= 1 or null, got {batches_per_epoch}")
+        self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
         if shard_format not in ("video", "tokens"):
             raise ConfigError(f"data.shard_format must be 'video' or 'tokens', got {shard_format!r}")
         self.shard_format = shard_format
@@ -131,8 +156,8 @@ class VideoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ClipStreamLoader:
         if self._train_loader is None:  # keep one loader so its progress survives across epochs
             ds = ClipStream(self.train_urls, self._resolve_clip(), True, self.shuffle_buffer, self.seed,
-                            tokens=self._tokens_spec())
-            self._train_loader = ClipStreamLoader(ds, **self._loader_kwargs())
+                            tokens=self._tokens_spec(), resampled=self.resampled)
+            self._train_loader = ClipStreamLoader(ds, self.batches_per_epoch, **self._loader_kwargs())
         return self._train_loader
 
     def val_dataloader(self):

@@ -25,7 +25,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import braceexpand
 import numpy as np
@@ -121,14 +121,20 @@ def decode_token_clip(npy: bytes, meta: dict[str, Any], clip: ClipSpec, rng: ran
     return out
 
 
-def split_for_reader(all_urls: list[str], shuffle: bool, seed: int | str, epoch: int) -> tuple[list[str], int, int]:
-    """This reader's shards: (seeded per-epoch shuffle, then) split by node/rank, then by DataLoader worker.
-    Returns (urls, rank, worker)."""
+def reader_ids() -> tuple[int, int, int, int]:
+    """(rank, world size, DataLoader worker id, number of workers) of the calling reader."""
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     info = get_worker_info()
     worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank, world, worker, num_workers
+
+
+def split_for_reader(all_urls: list[str], shuffle: bool, seed: int | str, epoch: int) -> tuple[list[str], int, int]:
+    """This reader's shards: (seeded per-epoch shuffle, then) split by node/rank, then by DataLoader worker.
+    Returns (urls, rank, worker)."""
+    rank, world, worker, num_workers = reader_ids()
     urls = list(all_urls)
     if shuffle:
         random.Random(f"{seed}-{epoch}").shuffle(urls)
@@ -147,7 +153,16 @@ def raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
         log.warning("skipping unreadable shard data: %r", exc)
         return True
 
-    yield from wds.tarfile_to_samples(handler=on_tar_error)(iter([{"url": u} for u in urls]))
+    yield from wds.tarfile_to_samples(handler=on_tar_error)({"url": u} for u in urls)  # lazy: urls may be endless
+
+
+def resampled_urls(urls: list[str], rng: random.Random) -> Iterator[str]:
+    """An endless draw of shards with replacement (webdataset's `resampled=True`): every reader samples from all
+    shards, so ranks never run out at different times and the shard count need not divide the reader count."""
+    if not urls:
+        return
+    while True:
+        yield urls[rng.randrange(len(urls))]
 
 
 @dataclass
@@ -170,10 +185,12 @@ class ClipStream(IterableDataset):
         seed: base seed.
         tokens: None to decode mp4 frames; else read pre-tokenized shards whose `tokens` json block must match this
             dict (codebook_size, image_size, grid, fingerprint of the model's tokenizer).
+        resampled: every (rank, worker) draws shards with replacement from all shards, seeded by (seed, epoch, rank,
+            worker), and never runs dry; the epoch length is then set by the loader (`batches_per_epoch`).
     """
 
     def __init__(self, urls: list[str], clip: ClipSpec, shuffle: bool = True, shuffle_buffer: int = 256,
-                 seed: int = 0, tokens: Optional[dict[str, Any]] = None):
+                 seed: int = 0, tokens: Optional[dict[str, Any]] = None, resampled: bool = False):
         super().__init__()
         self.urls = list(urls)
         self.clip = clip
@@ -181,12 +198,17 @@ class ClipStream(IterableDataset):
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.resampled = resampled
         self.state = StreamState()
 
-    def _split(self) -> tuple[list[str], int, int]:
-        return split_for_reader(self.urls, self.shuffle, self.seed, self.state.epoch)
+    def _split(self) -> tuple[Iterable[str], int, int]:
+        if not self.resampled:
+            return split_for_reader(self.urls, self.shuffle, self.seed, self.state.epoch)
+        rank, _, worker, _ = reader_ids()
+        rng = random.Random(f"{self.seed}-{self.state.epoch}-{rank}-{worker}-shards")
+        return resampled_urls(self.urls, rng), rank, worker
 
-    def _raw_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
         yield from raw_samples(urls)
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
@@ -214,7 +236,8 @@ class ClipStream(IterableDataset):
             # Seeded by shard file name + key, not the full URL, so the pre-tokenized copy of a shard (another folder)
             # draws the same clips as the original.
             shard_name = os.path.basename(str(raw.get("__url__", "?")))
-            clip_rng = random.Random(f"{self.seed}-{epoch}-{shard_name}:{raw.get('__key__', '?')}")
+            draw = f"-{pos}" if self.resampled else ""  # a clip drawn twice in one epoch gets another window
+            clip_rng = random.Random(f"{self.seed}-{epoch}-{shard_name}:{raw.get('__key__', '?')}{draw}")
             try:
                 item = self.decode(raw, key, clip_rng)
             except SampleError as exc:
