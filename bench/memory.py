@@ -3,8 +3,11 @@
 Prints one JSON object. For every strategy it launches real training steps of the GR model (forward, backward, AdamW)
 in fresh processes and reports, per rank (the maximum over ranks):
 
-- `peak_mib`: on a GPU `torch.cuda.max_memory_allocated`; on the CPU the growth of the process's peak resident set
-  (ru_maxrss) over its size just before the model was built, so imports and the process group are left out;
+- `peak_mib`: the peak of live tensor memory from model construction to the last step. On a GPU
+  `torch.cuda.max_memory_allocated`; on the CPU the largest "Total Allocated" that torch.profiler's memory events
+  report (the CPU allocator's live bytes, counted from just before the model is built);
+- `peak_rss_growth_mib` (CPU): growth of the peak resident set (ru_maxrss) over the process size before the model,
+  which adds allocator caching and communication buffers outside torch's allocator;
 - `optimizer_state_mib`: the AdamW state tensors this rank holds (what ZeRO / FSDP shard);
 - `param_mib`: the parameter storage this rank holds (full replicas under DDP and ZeRO-2, shards under FSDP2 and
   ZeRO-3; for ZeRO-2 the fp32 master partition is part of the optimizer state here).
@@ -70,6 +73,16 @@ def _optimizer_state_bytes(opt) -> int:
                if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
+def _profiled_peak_bytes(prof, folder: str, rank: int) -> int:
+    """Largest live-bytes total of the CPU allocator among the profiler's memory events."""
+    path = os.path.join(folder, f"trace{rank}.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    os.remove(path)
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
+
+
 def worker(args) -> None:
     """One rank: build, wrap per strategy, train `steps` steps, write this rank's measurements."""
     import torch.distributed as dist
@@ -91,6 +104,12 @@ def worker(args) -> None:
         dist.init_process_group("gloo" if device.type == "cpu" else "nccl")
     torch.manual_seed(0)
     baseline = _rss_mib()
+    profiler = None
+    if device.type == "cpu":
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        profiler.__enter__()
     from bench.train_throughput import trunk_spec
 
     cfg = GRModelConfig(trunk={**trunk_spec(args.preset), "activation_checkpointing": args.activation_checkpointing},
@@ -136,14 +155,17 @@ def worker(args) -> None:
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+    extra = {}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / MIB
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+        profiler.__exit__(None, None, None)
+        peak = _profiled_peak_bytes(profiler, args.worker_out, rank) / MIB
+        extra["peak_rss_growth_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline, 1)
     params_local = sum(_local_bytes(p) for p in (engine.module if engine else net).parameters()) / MIB
     out = {"rank": rank, "world_size": world, "peak_mib": round(peak, 1), "param_mib": round(params_local, 3),
            "optimizer_state_mib": round(_optimizer_state_bytes(opt) / MIB, 3), "params": n_params,
-           "final_loss": round(float(loss), 4), "tokens_per_sample": 32 + 3 * n}
+           "final_loss": round(float(loss), 4), "tokens_per_sample": 32 + 3 * n, **extra}
     with open(os.path.join(args.worker_out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     if world > 1 and dist.is_initialized():
@@ -169,8 +191,9 @@ def run_one(args, strategy: str, act_ckpt: bool) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         if proc.returncode != 0:
             return {"error": proc.stderr[-2000:]}
-        ranks = [json.load(open(os.path.join(tmp, name))) for name in sorted(os.listdir(tmp))]
-    worst = {k: max(r[k] for r in ranks) for k in ("peak_mib", "param_mib", "optimizer_state_mib")}
+        ranks = [json.load(open(os.path.join(tmp, name))) for name in sorted(os.listdir(tmp)) if name.startswith("rank")]
+    keys = ("peak_mib", "peak_rss_growth_mib", "param_mib", "optimizer_state_mib")
+    worst = {k: max(r[k] for r in ranks) for k in keys if k in ranks[0]}
     return {**worst, "world_size": ranks[0]["world_size"], "params": ranks[0]["params"],
             "final_loss_rank0": ranks[0]["final_loss"], "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -202,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "memory", "date": time.strftime("%Y-%m-%d"), "device": args.device,
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "preset": args.preset, "grid": args.grid,
               "batch_per_rank": args.batch_size, "nproc": args.nproc, "precision": args.precision,
-              "peak_is": "cuda max_memory_allocated" if args.device != "cpu" else "ru_maxrss growth over pre-model RSS",
+              "peak_is": ("cuda max_memory_allocated" if args.device != "cpu"
+                else "max live bytes of the CPU allocator (torch.profiler memory events), from model build on"),
               "runs": runs}
     text = json.dumps(result, indent=2)
     print(text)
