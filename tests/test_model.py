@@ -24,8 +24,7 @@ def inputs(b=2):
     return text, mask, hist, fut
 
 
-def test_kv_cache_incremental_equals_full_forward():
-    m = tiny()
+def assert_incremental_equals_full(m):
     text, mask, hist, fut = inputs()
     full = m(text, mask, hist, fut)  # (B, n, V)
     prefix, valid = m.embed_prefix(text, mask, hist)
@@ -37,6 +36,20 @@ def test_kv_cache_incremental_equals_full_forward():
         h = m.trunk(m.embed_frame(shifted[:, j:j + 1], m.future_slot, start=j), None, cache)
         steps.append(m.frame_head(h))
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_kv_cache_incremental_equals_full_forward():
+    assert_incremental_equals_full(tiny())
+
+
+def test_cached_step_follows_weight_updates():
+    """The decode step's transposed weight copies are remade after an in-place update (e.g. an optimizer step)."""
+    m = tiny()
+    assert_incremental_equals_full(m)  # fills the copies
+    with torch.no_grad():
+        for p in m.trunk.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert_incremental_equals_full(m)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
