@@ -129,6 +129,27 @@ def apply_compile(module: nn.Module, mode: Optional[str] = None, backend: str = 
     return len(blocks)
 
 
+def sharding_kind(module: nn.Module) -> Optional[str]:
+    """"fsdp2" when `module` holds FSDP2-sharded submodules, "zero3" when its parameters are ZeRO-3 partitions,
+    else None (whole parameters on every rank: single device, DDP, ZeRO-1/2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
+        return "fsdp2"
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        return "zero3"
+    return None
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict of an FSDP2-sharded module, on CPU, on rank 0 ({} on other ranks).
+
+    A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def is_deepspeed_offload(strategy) -> bool:
     """True when `strategy` is a DeepSpeed strategy that offloads optimizer states to the CPU."""
     config = getattr(strategy, "config", None)

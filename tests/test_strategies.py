@@ -60,8 +60,16 @@ def two_process_runs(synthetic_shards, tmp_path_factory):
     for strategy in ("ddp", "fsdp2"):
         root = tmp_path_factory.mktemp(strategy)
         cfg = write_config(root / "c.yaml", synthetic_shards, str(root / "run"), max_steps=6, every_n_steps=6)
+        with open(cfg) as f:
+            spec = yaml.safe_load(f)
+        # Rank 0 writes rollout videos at validation: under FSDP2 that needs the gathered weights (no hang, no shards).
+        spec["trainer"]["callbacks"].append({"class_path": "gr.training.callbacks.RolloutVideos",
+                                             "init_args": {"num_samples": 1}})
+        with open(cfg, "w") as f:
+            yaml.safe_dump(spec, f)
         _fit(cfg, strategy)
         out[strategy] = os.path.join(root, "run", "checkpoints", "last.ckpt")
+        out[f"{strategy}_rollouts"] = sorted(glob.glob(os.path.join(root, "run", "rollouts", "*", "*.mp4")))
     return out
 
 
@@ -78,6 +86,11 @@ def test_ddp_and_fsdp2_train_on_two_cpu_processes_to_the_same_weights(two_proces
     assert len(moved) > len(ddp) // 2  # the optimizer really stepped
     for key in ddp:  # same data split, same averaged gradients: sharding must not change the math
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_rollout_videos_during_multi_process_training(two_process_runs, strategy):
+    assert len(two_process_runs[f"{strategy}_rollouts"]) == 1  # rank 0 only, one sample, gathered weights under FSDP2
 
 
 def test_fsdp2_strategy_is_pure_data_parallel():

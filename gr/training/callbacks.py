@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Optional
 
 import lightning as L
+
+log = logging.getLogger(__name__)
 
 
 class RunSummary(L.Callback):
@@ -79,6 +82,7 @@ class RolloutVideos(L.Callback):
         self.every, self.num_samples, self.dirpath = every_n_val_epochs, num_samples, dirpath
         self._batch: Any = None
         self._count = 0
+        self._warned = False
         self.written: list[dict[str, Any]] = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -89,19 +93,51 @@ class RolloutVideos(L.Callback):
         if trainer.sanity_checking or self._batch is None:
             return
         self._count += 1
-        if self._count % self.every or not trainer.is_global_zero:
+        if self._count % self.every:
+            return
+        model = self._inference_model(pl_module)  # a collective under FSDP2: every rank takes part
+        if model is None or not trainer.is_global_zero:
             return
         import torch
 
         with torch.no_grad():
-            samples = self._rollout(pl_module, self._batch, trainer)
+            samples = self._rollout(pl_module, model, self._batch, trainer)
         self.written.append({"step": trainer.global_step, "samples": samples})
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_video("val/rollout", [s["gif"] for s in samples], step=trainer.global_step,
                                  caption=[s["caption"] for s in samples])
 
-    def _rollout(self, module, batch, trainer) -> list[dict[str, Any]]:
+    def _inference_model(self, module):
+        """The GR model to generate with on rank 0: the module's own, or a whole copy when it is sharded.
+
+        Rank 0 generating alone must not touch sharded weights: FSDP2 and ZeRO-3 gather them with collectives the
+        other ranks would never join. Under FSDP2 every rank gathers the full state dict and rank 0 loads it into a
+        plain copy. ZeRO-3 also partitions the frozen encoders, so rollouts are skipped there (use `gr rollout` on
+        the consolidated checkpoint).
+        """
+        from gr.distributed import full_state_dict, sharding_kind
+
+        kind = sharding_kind(module.model)
+        if kind is None:
+            return module.model
+        if kind == "zero3":
+            if not self._warned:
+                log.warning("RolloutVideos: skipped under DeepSpeed ZeRO-3 (sharded weights, encoders included); "
+                            "run `gr rollout` on a consolidated checkpoint instead")
+                self._warned = True
+            return None
+        state = full_state_dict(module.model)
+        if not module.trainer.is_global_zero:
+            return None
+        src = module.model
+        from gr.model import GRModel
+
+        copy = GRModel(src.cfg, src.codebook_size, src.grid_size, module.text_encoder.feature_dim)
+        copy.load_state_dict(state)
+        return copy.to(module.device).eval()
+
+    def _rollout(self, module, model, batch, trainer) -> list[dict[str, Any]]:
         import numpy as np
 
         from gr.rollout import save_rollout
@@ -117,7 +153,7 @@ class RolloutVideos(L.Callback):
             captions = batch["caption"][:n]
         text, mask = module.text_encoder(list(captions))
         state = batch["state"][:n].float() if robot else None
-        pred = module.model.generate_future_frame(text, mask, hist if robot else hist[:, :, 0], state=state)
+        pred = model.generate_future_frame(text, mask, hist if robot else hist[:, :, 0], state=state)
         pred = pred if robot else pred[:, None]
         dec = lambda c: module.image_tokenizer.decode(c.to(module.device)).cpu().numpy()  # noqa: E731
         hist_img, true_img, pred_img = dec(hist), dec(fut), dec(pred)  # (B, Th, Nv, ...), (B, Nv, ...) x 2
