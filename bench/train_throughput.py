@@ -7,7 +7,9 @@ Prints one JSON object. Two sections:
   on the future frame) against a plain nanoGPT-style model of the same depth, width, heads, sequence length and
   vocabulary (token + position embeddings, blocks with is_causal attention, LM head and cross-entropy on every
   position, as nanoGPT trains). Steps alternate between the two in one run and the median step time of each gives
-  tokens/s; the ratio is ours / reference (target >= 1.0).
+  tokens/s; the ratio is ours / reference (target >= 1.0). Where ours differs by design: its loss reads only the
+  future frame, so the last block and the head run for those rows only (`GPTTrunk(num_outputs=...)`), and it masks
+  padded text keys.
 - `lightning` (default on a GPU): `PretrainModule` under the Lightning Trainer with a strategy from
   configs/strategy/*.yaml (or `auto`), a precision and optional activation checkpointing / torch.compile, on
   pre-tokenized synthetic batches (codes + captions; the frozen CLIP text tower runs online, as in real pretraining
@@ -297,10 +299,12 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), gpu_count=torch.cuda.device_count(),
                     cuda=torch.version.cuda)
+    from importlib.metadata import PackageNotFoundError, version
+
     for pkg in ("lightning", "deepspeed", "xformers"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except Exception:  # optional packages
+        try:  # metadata only: importing deepspeed would print to stdout and spoil the JSON
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
             info[pkg] = None
     return info
 

@@ -122,8 +122,8 @@ def apply_compile(module: nn.Module, mode: Optional[str] = None, backend: str = 
         eager = block.forward
         compiled = torch.compile(eager, mode=mode, backend=backend, dynamic=False)
 
-        def forward(x, mask=None, cache=None, layer=0, _eager=eager, _compiled=compiled):
-            return (_eager if cache is not None else _compiled)(x, mask, cache, layer)
+        def forward(x, mask=None, cache=None, layer=0, q_from=0, _eager=eager, _compiled=compiled):
+            return (_eager if cache is not None else _compiled)(x, mask, cache, layer, q_from)
 
         block.forward = forward
     return len(blocks)

@@ -98,6 +98,27 @@ def test_activation_checkpointing_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_trunk_num_outputs_equals_the_tail_of_the_full_pass(padded, ckpt):
+    from gr.model.gpt import GPTTrunk
+
+    torch.manual_seed(0)
+    trunk = GPTTrunk(TrunkConfig(num_layers=3, num_heads=2, width=32, activation_checkpointing=ckpt)).train()
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    if padded:
+        valid[0, 1:3] = False  # padded text keys
+    full = trunk(x, valid if padded else None)
+    tail = trunk(x, valid if padded else None, num_outputs=4)
+    assert tail.shape == (2, 4, 32)
+    torch.testing.assert_close(tail, full[:, -4:], rtol=1e-5, atol=1e-6)
+    g_full = torch.autograd.grad(full[:, -4:].square().sum(), [x, *trunk.parameters()])
+    g_tail = torch.autograd.grad(tail.square().sum(), [x, *trunk.parameters()])
+    for a, b in zip(g_tail, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_wrong_history_shape_is_a_clear_error():
     m = tiny()
     text, mask, hist, fut = inputs()

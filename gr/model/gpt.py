@@ -63,9 +63,13 @@ class CausalSelfAttention(nn.Module):
             except ImportError as exc:
                 raise ValueError("trunk.attention: 'xformers' was asked for but xformers is not installed") from exc
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], cache: Optional[KVCache], layer: int):
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], cache: Optional[KVCache], layer: int,
+                q_from: int = 0):
+        """x (B, T, C) -> (B, T - q_from, C): keys and values from every position, queries from q_from on (the mask,
+        when given, already has only those query rows)."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        q = q[:, :, q_from:]
         if cache is not None:
             start = cache.length
             cache.k[layer][:, :, start:start + t] = k
@@ -78,7 +82,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.proj(y.transpose(1, 2).reshape(b, t - q_from, c))
 
     @staticmethod
     def _xformers(q, k, v, mask, p):
@@ -104,7 +108,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, cfg.width)
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(F.gelu(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -118,8 +122,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0):
-        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer))
+    def forward(self, x, mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0,
+                q_from: int = 0):
+        """(B, T, C) -> (B, T - q_from, C): positions before q_from serve only as keys and values."""
+        x = x[:, q_from:] + self.drop(self.attn(self.ln_1(x), mask, cache, layer, q_from))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -133,13 +139,17 @@ class GPTTrunk(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.width)
 
     def forward(self, x: torch.Tensor, key_valid: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, num_outputs: Optional[int] = None) -> torch.Tensor:
         """Run the blocks.
 
         Args:
             x: (B, T, C) embeddings of the new tokens.
             key_valid: (B, T) bool for these tokens; None = all valid. With a cache it is written into the cache.
             cache: KVCache to read and extend; `cache.length` advances by T.
+            num_outputs: return only the last k positions (B, k, C). The last block then runs its queries, output
+                projection and MLP for those rows only: the rest feed nothing downstream (no cache).
+        Returns:
+            (B, T, C), or (B, num_outputs, C).
         """
         b, t, _ = x.shape
         if (cache is not None and t == 1 and key_valid is None and not self.training
@@ -157,11 +167,19 @@ class GPTTrunk(nn.Module):
             # Built without inspecting the values: a `.all()` check here would be a host sync on every forward.
             kv = all_valid if all_valid is not None else torch.ones(b, past + t, dtype=torch.bool, device=x.device)
             mask = attention_mask(kv, t, past)
+        last, q_from, last_mask = len(self.blocks) - 1, 0, mask
+        if num_outputs is not None and cache is None and 0 < num_outputs < t:
+            q_from = t - num_outputs
+            last_mask = (mask[:, :, q_from:] if mask is not None
+                         else attention_mask(torch.ones(b, t, dtype=torch.bool, device=x.device), num_outputs, q_from))
         for i, block in enumerate(self.blocks):
+            m, qf = (last_mask, q_from) if i == last else (mask, 0)
             if self.cfg.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, None, i, use_reentrant=False)
+                x = checkpoint(block, x, m, None, i, qf, use_reentrant=False)
             else:
-                x = block(x, mask, cache, i)
+                x = block(x, m, cache, i, qf)
+        if num_outputs is not None and x.shape[1] > num_outputs:
+            x = x[:, -num_outputs:]  # with a cache every row was computed (all keys and values are needed)
         if cache is not None:
             cache.length = past + t
         return self.ln_f(x)
@@ -187,7 +205,7 @@ class GPTTrunk(nn.Module):
             y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], attn_mask=bias)
             x = x + _step_linear(y.view(b, 1, c), attn.proj)
             h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            x = x + _step_linear(F.gelu(_step_linear(h, mlp.fc), approximate="tanh"), mlp.proj)
+            x = x + _step_linear(F.gelu(_step_linear(h, mlp.fc)), mlp.proj)
         cache.length = s
         return F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
 

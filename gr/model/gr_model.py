@@ -166,12 +166,14 @@ class GRModel(nn.Module):
         futs = [self.embed_frame(self.shifted_future(future[:, v]), self.future_slot, view=self._view(v))
                 for v in range(self.num_views)]
         x = torch.cat([prefix, *futs], dim=1)
-        h = self.trunk(x, torch.cat([valid, valid.new_ones(b, self.num_views * n)], dim=1))
-        logits = self.frame_head(h[:, prefix.shape[1]:]).reshape(b, self.num_views, n, -1)
+        r = self.robot.num_readouts if self.robot is not None else 0
+        # Only readouts and future slots feed a loss: the trunk's last block computes just those rows.
+        h = self.trunk(x, torch.cat([valid, valid.new_ones(b, self.num_views * n)], dim=1),
+                       num_outputs=r + self.num_views * n)
+        logits = self.frame_head(h[:, r:]).reshape(b, self.num_views, n, -1)
         if self.robot is None:
             return logits[:, 0]
-        r = self.robot.num_readouts
-        return logits, h[:, prefix.shape[1] - r: prefix.shape[1]]
+        return logits, h[:, :r]
 
     @torch.no_grad()
     def readout_features(self, text_feats, text_mask, history_codes, state) -> torch.Tensor:
@@ -179,7 +181,7 @@ class GRModel(nn.Module):
         if self.robot is None:
             raise ValueError("this model has no readouts: it was built without model.robot (a pretraining model)")
         prefix, valid = self.embed_prefix(text_feats, text_mask, history_codes, state)
-        return self.trunk(prefix, valid)[:, -self.robot.num_readouts:]
+        return self.trunk(prefix, valid, num_outputs=self.robot.num_readouts)
 
     def new_cache(self, batch: int, device, dtype=None) -> KVCache:
         dtype = dtype or self.code_emb.weight.dtype
