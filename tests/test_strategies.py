@@ -43,10 +43,10 @@ def test_strategy_overlay_parses_with_the_training_configs(path, base, capsys):
     assert printed["model"]["class_path"].startswith("gr.training.")
 
 
-def _fit(cfg: str, strategy: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "fit", "--config", cfg, "--config",
-           os.path.join(REPO, "configs", "strategy", f"{strategy}.yaml"), "--trainer.accelerator=cpu",
-           "--trainer.devices=2", *overrides]
+def _fit(cfg: str, strategy: str | None, *overrides: str, devices: int = 2) -> subprocess.CompletedProcess:
+    overlay = ["--config", os.path.join(REPO, "configs", "strategy", f"{strategy}.yaml")] if strategy else []
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "fit", "--config", cfg, *overlay,
+           "--trainer.accelerator=cpu", f"--trainer.devices={devices}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -168,3 +168,17 @@ def test_optimizer_follows_the_strategy():
     assert optimizer_class(None) is torch.optim.AdamW
     assert not is_deepspeed_offload(DeepSpeedStrategy(False))
     assert is_deepspeed_offload(DeepSpeedStrategy(True))
+
+
+def test_bf16_mixed_with_activation_checkpointing_trains(synthetic_shards, tmp_path):
+    import json
+
+    root = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", synthetic_shards, str(root), max_steps=4, every_n_steps=4, val=False)
+    _fit(cfg, None, "--trainer.precision=bf16-mixed", "--model.init_args.model.trunk.activation_checkpointing=true",
+         devices=1)
+    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert all(v.dtype == torch.float32 for k, v in ckpt["state_dict"].items() if v.is_floating_point())  # fp32 master
+    losses = [json.loads(line)["loss"] for line in open(root / "summary" / "losses.jsonl")]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
