@@ -57,6 +57,15 @@ def test_non_finite_loss_names_the_batch(module, monkeypatch):
         module.training_step(batch, 0)
 
 
+def test_non_finite_check_is_batched_on_accelerators_and_still_names_the_batch(module, monkeypatch):
+    monkeypatch.setattr(module, "_finite_check_every", lambda loss: 3)  # as on a GPU with log_every_n_steps=3
+    module.check_finite(torch.tensor(1.0), ["s:a"])
+    module.check_finite(torch.tensor(float("inf")), ["s:bad"])  # not read back yet: no host sync per step
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss inf at step 0; batch keys: \['s:bad'\]"):
+        module.check_finite(torch.tensor(2.0), ["s:c"])
+    module.check_finite(torch.tensor(1.0), ["s:d"])  # the buffer was emptied by the read
+
+
 def test_tiny_fit_learns_and_checkpoints(synthetic_shards, tmp_path):
     from gr.cli import run_lightning_cli
 

@@ -21,7 +21,7 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
         name: torch.stack([s[name] for s in samples]),  # frames (B, Tc, S, S, 3) uint8 | codes (B, Tc, h, w) int64
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
-        "num_skipped": torch.tensor(sum(s["num_skipped"] for s in samples)),
+        "num_skipped": sum(s["num_skipped"] for s in samples),  # a host int: no device sync to read it
         "position": torch.stack([s["position"] for s in samples]),  # (B, 3): epoch, worker, raw position
     }
 

@@ -165,7 +165,7 @@ class FrameStream(IterableDataset):
 def collate_frames(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"frames": torch.stack([s["frame"] for s in samples]),  # (B, S, S, 3) uint8
             "key": [s["key"] for s in samples],
-            "num_skipped": torch.tensor(sum(s["num_skipped"] for s in samples))}
+            "num_skipped": sum(s["num_skipped"] for s in samples)}  # a host int: no device sync to read it
 
 
 class FrameDataModule(L.LightningDataModule):

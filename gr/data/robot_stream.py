@@ -152,7 +152,7 @@ def collate_windows(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: torch.stack([s[k] for s in samples]) for k in
            ("history", "future", "state", "arm", "gripper", "action_mask", "step")}
     out.update(instruction=[s["instruction"] for s in samples], key=[s["key"] for s in samples],
-               num_skipped=torch.tensor(sum(s["num_skipped"] for s in samples)))
+               num_skipped=sum(s["num_skipped"] for s in samples))  # a host int: no device sync to read it
     return out
 
 

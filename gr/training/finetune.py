@@ -160,9 +160,7 @@ class FinetuneModule(PretrainModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         out = self.robot_losses(batch)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(f"non-finite finetuning loss {out['loss'].item()} at step {self.global_step}; "
-                                     f"batch keys: {batch['key']}")
+        self.check_finite(out["loss"], batch["key"])
         self._skipped_total += int(batch["num_skipped"])
         bs = len(batch["instruction"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)

@@ -56,6 +56,7 @@ class PretrainModule(L.LightningModule):
         grid = self.image_tokenizer.grid_size(model.clip.image_size)
         self.model = GRModel(model, self.image_tokenizer.codebook_size, grid, self.text_encoder.feature_dim)
         self._skipped_total = 0
+        self._pending_losses: list[tuple[torch.Tensor, list[str], int]] = []  # see check_finite
 
     @property
     def clip_spec(self) -> ClipSpec:
@@ -116,14 +117,33 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         loss, _, _ = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}; "
-                                     f"batch keys: {batch['key']}")
+        self.check_finite(loss, batch["key"])
         self._skipped_total += int(batch["num_skipped"])
         bs = len(batch["caption"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("data/skipped_total", float(self._skipped_total), batch_size=bs)
         return loss
+
+    def check_finite(self, loss: torch.Tensor, keys: list[str]) -> None:
+        """Stop the run on a non-finite training loss, naming the batch's sample keys.
+
+        On an accelerator the check is batched: losses are collected on the device and read back once every
+        `trainer.log_every_n_steps` steps, because reading one per step (`.item()`, `bool()`) is a host sync that
+        stalls the kernel queue. A bad step is then reported up to that many steps late, still by its keys.
+        """
+        self._pending_losses.append((loss.detach().float(), list(keys), self.global_step))
+        if len(self._pending_losses) < self._finite_check_every(loss):
+            return
+        pending, self._pending_losses = self._pending_losses, []
+        values = torch.stack([v for v, _, _ in pending]).cpu()  # the one host sync
+        for value, (_, batch_keys, step) in zip(values.tolist(), pending):
+            if not np.isfinite(value):
+                raise FloatingPointError(f"non-finite training loss {value} at step {step}; batch keys: {batch_keys}")
+
+    def _finite_check_every(self, loss: torch.Tensor) -> int:
+        if loss.device.type == "cpu" or self._trainer is None:
+            return 1  # reading a CPU tensor costs nothing
+        return max(1, int(self._trainer.log_every_n_steps or 1))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
         loss, logits, target = self._loss(batch)
