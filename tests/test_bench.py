@@ -68,3 +68,16 @@ def test_memory_benchmark_sees_fsdp2_shard_the_optimizer_state():
     assert fsdp["world_size"] == 2
     assert fsdp["optimizer_state_mib"] == pytest.approx(single["optimizer_state_mib"] / 2, rel=0.1)
     assert fsdp["param_mib"] == pytest.approx(single["param_mib"] / 2, rel=0.1)
+
+
+def test_throughput_benchmark_builds_strategies_from_the_yaml_overlays():
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from gr.distributed import FSDP2Strategy
+
+    assert tt._strategy("auto") == "auto"
+    assert isinstance(tt._strategy("fsdp2"), FSDP2Strategy)
+    ds = tt._strategy("deepspeed_stage_2")  # what bench/gpu_run.sh asks for
+    assert isinstance(ds, DeepSpeedStrategy) and ds.config["zero_optimization"]["stage"] == 2
+    with pytest.raises(SystemExit, match="no configs/strategy/nope.yaml"):
+        tt._strategy("nope")
