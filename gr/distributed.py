@@ -22,11 +22,17 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from gr.model.action_head import CVAEActionHead
 from gr.model.gpt import Block
 
 log = logging.getLogger(__name__)
 
 BLOCK_CLASS = Block  # the unit of FSDP wrapping, activation checkpointing and compilation
+# Sharded as units of their own besides the blocks: modules that the training code calls outside GRModel.forward
+# (the action head runs on the readouts after the trunk), so they gather their own weights.
+EXTRA_WRAP_CLASSES = (CVAEActionHead,)
+# GRModel methods that read the root's weights without going through forward (validation's action path).
+FSDP_FORWARD_METHODS = ("readout_features",)
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
@@ -41,32 +47,40 @@ def trainable_children(module: nn.Module) -> list[nn.Module]:
 
 def apply_fsdp2(module: nn.Module, mesh, reshard_after_forward: bool = True,
                 mp_policy: Optional[Any] = None) -> list[nn.Module]:
-    """Shard the trainable part of a LightningModule with FSDP2: each block, then each trainable child.
+    """Shard the trainable part of a LightningModule with FSDP2: each block and action head, then each trainable child.
 
     Frozen encoders (no trainable parameters) stay replicated: they are small next to the trunk, run under no_grad
-    and are never checkpointed, so sharding them would only add an all-gather to every step.
+    and are never checkpointed, so sharding them would only add an all-gather to every step. A trainable child's own
+    weights (embeddings, heads) stay gathered from its forward to the backward (FSDP2's root default), so code that
+    uses them right after forward works; `readout_features` is registered as a forward method for the same reason.
+    Already-sharded modules are left as they are (Lightning may set up twice: fit, then validate).
 
     Args:
         module: the LightningModule (or any container of the GR model).
         mesh: a 1-D data-parallel DeviceMesh.
-        reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3-like memory) or keep them
-            until backward (ZeRO-2-like speed).
+        reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3-like memory) or keep
+            them until backward (ZeRO-2-like speed).
         mp_policy: optional `torch.distributed.fsdp.MixedPrecisionPolicy`.
     Returns:
         The modules that were sharded as roots (one per trainable child).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    kwargs: dict[str, Any] = {"mesh": mesh}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     roots = trainable_children(module)
     if not roots:
         raise ValueError("FSDP2: the module has no trainable parameters to shard")
     for root in roots:
-        for block in transformer_blocks(root):
-            fully_shard(block, **kwargs)
+        if isinstance(root, FSDPModule):
+            continue
+        for unit in [m for m in root.modules() if isinstance(m, (BLOCK_CLASS, *EXTRA_WRAP_CLASSES))]:
+            fully_shard(unit, reshard_after_forward=reshard_after_forward, **kwargs)
         fully_shard(root, **kwargs)
+        for name in FSDP_FORWARD_METHODS:
+            if hasattr(root, name):
+                register_fsdp_forward_method(root, name)
     return roots
 
 
@@ -86,18 +100,31 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     def __init__(self, reshard_after_forward: bool = True, save_distributed_checkpoint: bool = False,
-                 process_group_backend: Optional[str] = None, timeout: Optional[timedelta] = timedelta(minutes=30)):
+                 bf16_gather: bool = True, process_group_backend: Optional[str] = None,
+                 timeout: Optional[timedelta] = timedelta(minutes=30)):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout)
         self.reshard_after_forward = reshard_after_forward
+        self.bf16_gather = bf16_gather
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def mp_policy(self):
+        """Under bf16-mixed: gather parameters in bf16 and reduce gradients in fp32 (half the all-gather traffic; the
+        fp32 shards stay the master weights). None otherwise."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        precision = str(getattr(self.precision_plugin, "precision", ""))
+        if self.bf16_gather and precision.startswith("bf16"):
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return None
+
     def setup(self, trainer) -> None:
-        roots = apply_fsdp2(self.lightning_module, self.device_mesh["data_parallel"], self.reshard_after_forward)
+        roots = apply_fsdp2(self.lightning_module, self.device_mesh["data_parallel"], self.reshard_after_forward,
+                            self.mp_policy())
         log.info("FSDP2: sharded %d blocks in %s over %d ranks", sum(len(transformer_blocks(r)) for r in roots),
                  [type(r).__name__ for r in roots], self.world_size)
         super().setup(trainer)
@@ -152,8 +179,10 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def is_deepspeed_offload(strategy) -> bool:
     """True when `strategy` is a DeepSpeed strategy that offloads optimizer states to the CPU."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
     config = getattr(strategy, "config", None)
-    if not isinstance(config, dict) or type(strategy).__name__ != "DeepSpeedStrategy":
+    if not isinstance(strategy, DeepSpeedStrategy) or not isinstance(config, dict):
         return False
     offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device") in ("cpu", "nvme")

@@ -43,12 +43,16 @@ def test_kv_cache_incremental_equals_full_forward():
 
 
 def test_cached_step_follows_weight_updates():
-    """The decode step's transposed weight copies are remade after an in-place update (e.g. an optimizer step)."""
+    """The decode step's transposed weight copies belong to one cache: a later generation sees updated weights,
+    also when they were changed through `.data` (EMA, DeepSpeed's flat buffers), which no version counter records."""
     m = tiny()
     assert_incremental_equals_full(m)  # fills the copies
     with torch.no_grad():
         for p in m.trunk.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    assert_incremental_equals_full(m)
+    for p in m.trunk.parameters():
+        p.data.mul_(1.5)
     assert_incremental_equals_full(m)
 
 

@@ -90,13 +90,13 @@ class RolloutVideos(L.Callback):
             self._batch = batch
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self._batch is None:
+        if trainer.sanity_checking:
             return
-        self._count += 1
+        self._count += 1  # counted alike on every rank, whatever batches each saw
         if self._count % self.every:
             return
         model = self._inference_model(pl_module)  # a collective under FSDP2: every rank takes part
-        if model is None or not trainer.is_global_zero:
+        if model is None or not trainer.is_global_zero or self._batch is None:
             return
         import torch
 
@@ -152,7 +152,7 @@ class RolloutVideos(L.Callback):
             hist, fut = codes[:, :-1, None], codes[:, -1:]  # one unnamed view
             captions = batch["caption"][:n]
         text, mask = module.text_encoder(list(captions))
-        state = batch["state"][:n].float() if robot else None
+        state = batch["state"][:n].to(model.state_proj.weight.dtype) if robot else None
         pred = model.generate_future_frame(text, mask, hist if robot else hist[:, :, 0], state=state)
         pred = pred if robot else pred[:, None]
         dec = lambda c: module.image_tokenizer.decode(c.to(module.device)).cpu().numpy()  # noqa: E731

@@ -129,10 +129,14 @@ class FinetuneModule(PretrainModule):
             hist, fut = self.image_tokenizer.encode(hist), self.image_tokenizer.encode(fut)
         return hist, fut
 
+    def state_input(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The normalized state in the model's dtype (fp32, or bf16 under DeepSpeed's bf16 weights)."""
+        return batch["state"].to(self.model.state_proj.weight.dtype)
+
     def robot_losses(self, batch: dict[str, Any], sample_latent: bool = True) -> dict[str, torch.Tensor]:
         hist, fut = self.codes(batch)
         text, text_mask = self.text_encoder(batch["instruction"])
-        logits, readouts = self.model(text, text_mask, hist, fut, state=batch["state"].float())
+        logits, readouts = self.model(text, text_mask, hist, fut, state=self.state_input(batch))
         frame_ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), fut.reshape(-1))
         mask = batch["action_mask"].bool()
         chunk = torch.cat([batch["arm"], batch["gripper"] * 2 - 1], dim=-1)  # encoder input, (B, k, A)
@@ -173,7 +177,7 @@ class FinetuneModule(PretrainModule):
         # What the policy does at test time: the prior mean latent z = 0.
         hist, _ = self.codes(batch)
         text, text_mask = self.text_encoder(batch["instruction"])
-        readouts = self.model.readout_features(text, text_mask, hist, batch["state"].float())
+        readouts = self.model.readout_features(text, text_mask, hist, self.state_input(batch))
         arm, _, _, _ = self.model.action_head(readouts)
         m = batch["action_mask"][..., None].float()
         prior_l1 = ((arm.float() - batch["arm"]).abs() * m).sum() / (m.sum() * arm.shape[-1]).clamp(min=1)
