@@ -100,7 +100,7 @@ def worker(args) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
-    elif world > 1:
+    elif args.strategy != "single":  # DDP and FSDP2 need a process group, even with one rank
         dist.init_process_group("gloo" if device.type == "cpu" else "nccl")
     torch.manual_seed(0)
     baseline = _rss_mib()
@@ -168,7 +168,7 @@ def worker(args) -> None:
            "final_loss": round(float(loss), 4), "tokens_per_sample": 32 + 3 * n, **extra}
     with open(os.path.join(args.worker_out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
-    if world > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

@@ -19,6 +19,9 @@ FLOPs per token (DESIGN.md) = 6 N + 12 L d T for the trainable part (N: trainabl
 tables; L layers, d width, T sequence length) + 2 per frozen-encoder parameter per token that encoder processes,
 spread over the T tokens of the sample (the CLIP text tower runs on 77 token positions per caption).
 MFU = FLOPs per token x tokens/s / (peak FLOP/s x GPUs). Peaks are dense bf16 (TF32 for fp32) tensor-core figures.
+`mfu_executed` uses the FLOPs a step really runs instead (torch's FlopCounterMode over one step, text tower included):
+the formula also charges the rows our last block and head skip, so `mfu` reads a few percent higher.
+Captions are all distinct, so the text tower's feature cache never hits and the tower really runs in every step.
 
     .venv/bin/python bench/train_throughput.py                                  # CPU: trunk vs reference, preset S
     python bench/train_throughput.py --device cuda --presets S B --strategy deepspeed_stage_2 \\
@@ -180,23 +183,29 @@ def trunk_vs_reference(preset: str, grid: int, vocab: int, batch: int, steps: in
 
 
 # ---------------------------------------------------------------- section 2: Lightning training with a strategy
+WORDS = ["pick", "the", "red", "block", "open", "drawer", "push", "button", "close", "window", "robot", "arm"]
+
+
+def synthetic_captions(start: int, count: int) -> list[str]:
+    """Distinct captions (a few words + a running number): the text tower's feature cache never hits, as with
+    millions of real captions, so the frozen encoder really runs online."""
+    return [" ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 5)) + f" take {i}"
+            for i in range(start, start + count)]
+
+
 class _SyntheticTokenBatches(torch.utils.data.IterableDataset):
     """Endless pre-tokenized batches (codes + captions), like VideoDataModule(shard_format: tokens) yields."""
 
     def __init__(self, batch: int, grid: int, vocab: int, num_history: int = 2, distinct: int = 8):
         g = torch.Generator().manual_seed(0)
-        words = ["pick", "the", "red", "block", "open", "drawer", "push", "button", "close", "window", "robot", "arm"]
-        self.batches = []
-        for i in range(distinct):
-            captions = [" ".join(words[(i + j + k) % len(words)] for k in range(3 + (j % 5))) for j in range(batch)]
-            self.batches.append({"codes": torch.randint(0, vocab, (batch, num_history + 1, grid, grid), generator=g),
-                                 "caption": captions, "key": [f"synthetic-{i}-{j}" for j in range(batch)],
-                                 "num_skipped": torch.tensor(0)})
+        self.batch = batch
+        self.codes = [torch.randint(0, vocab, (batch, num_history + 1, grid, grid), generator=g) for _ in range(distinct)]
 
     def __iter__(self):
         i = 0
         while True:
-            yield self.batches[i % len(self.batches)]
+            yield {"codes": self.codes[i % len(self.codes)], "caption": synthetic_captions(i * self.batch, self.batch),
+                   "key": [f"synthetic-{i}-{j}" for j in range(self.batch)], "num_skipped": 0}
             i += 1
 
 
@@ -209,6 +218,10 @@ class _StepTimer:
         class Timer(L.Callback):
             def __init__(self, outer):
                 self.outer = outer
+
+            def on_train_start(self, trainer, pl_module):
+                if pl_module.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(pl_module.device)
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 _sync(pl_module.device)
@@ -223,7 +236,8 @@ class _StepTimer:
         self.callback = Timer(self)
 
 
-def _strategy(name: str):
+def _strategy(name: str, batch: int = 1):
+    """"auto", or the strategy of configs/strategy/<name>.yaml, built from its class_path and init_args."""
     if name in ("auto", "single"):
         return "auto"
     import importlib
@@ -235,7 +249,24 @@ def _strategy(name: str):
         raise SystemExit(f"--strategy: no configs/strategy/{name}.yaml")
     spec = yaml.safe_load(open(path))["trainer"]["strategy"]
     mod, cls = spec["class_path"].rsplit(".", 1)
-    return getattr(importlib.import_module(mod), cls)(**spec.get("init_args", {}))
+    kwargs = dict(spec.get("init_args", {}))
+    if cls == "DeepSpeedStrategy":  # it reads the batch size off the loader's batch_sampler, which ours lacks
+        kwargs["logging_batch_size_per_gpu"] = batch
+    return getattr(importlib.import_module(mod), cls)(**kwargs)
+
+
+def executed_flops_per_token(module, grid: int, vocab: int, samples: int = 2) -> float:
+    """FLOPs one training step really executes per token (forward + backward of the GR model, the text tower's
+    forward), counted by torch's FlopCounterMode on the CPU before training. Unlike 6N + 12LdT it sees that the last
+    block and the head run only for the future frame's rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = {"codes": torch.randint(0, vocab, (samples, 3, grid, grid)),
+             "caption": synthetic_captions(10 ** 9, samples)}  # not in the feature cache
+    with FlopCounterMode(display=False) as counter:
+        module._loss(batch)[0].backward()
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / (samples * (32 + 3 * grid * grid))
 
 
 def lightning_run(preset: str, strategy: str, precision: str, batch: int, steps: int, warmup: int, grid: int,
@@ -253,33 +284,38 @@ def lightning_run(preset: str, strategy: str, precision: str, batch: int, steps:
         text_encoder={"model_name": text_model},
         image_tokenizer={"codebook_size": vocab, "ch_mult": [1, 1, 2, 2, 4], "resolution": image_size},  # f16
         optim={"lr": 3e-4, "warmup_steps": 10, "total_steps": 10_000}, compile=compile_blocks)
-    loader = torch.utils.data.DataLoader(_SyntheticTokenBatches(batch, grid, vocab), batch_size=None)
-    timer = _StepTimer()
-    trainer = L.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=devices,
-                        strategy=_strategy(strategy), precision=precision, max_steps=warmup + steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer.callback], limit_val_batches=0, gradient_clip_val=1.0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, train_dataloaders=loader)
-    step_s = statistics.median(timer.times[warmup:])
+    # Counted before the strategy wraps the model (ZeRO-3 would leave 0-element parameters behind).
     model = module.model
     tc = model.cfg.trunk
     seq_len = 32 + 3 * model.tokens_per_frame
+    params_trainable = sum(p.numel() for p in model.parameters())
+    params_non_embedding = non_embedding_params(model)
+    text_params = sum(p.numel() for p in module.text_encoder.parameters())
+    flops = flops_per_token(params_non_embedding, tc.num_layers, tc.width, seq_len,
+                            {"text_encoder": (text_params, TEXT_CONTEXT)})
+    executed = executed_flops_per_token(module, grid, vocab)
+    loader = torch.utils.data.DataLoader(_SyntheticTokenBatches(batch, grid, vocab), batch_size=None)
+    timer = _StepTimer()
+    trainer = L.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=devices,
+                        strategy=_strategy(strategy, batch), precision=precision, max_steps=warmup + steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer.callback], limit_val_batches=0,
+                        gradient_clip_val=1.0)
+    trainer.fit(module, train_dataloaders=loader)
+    step_s = statistics.median(timer.times[warmup:])
     world = trainer.world_size
     tokens_per_s = world * batch * seq_len / step_s
-    text_params = sum(p.numel() for p in module.text_encoder.parameters())
-    flops = flops_per_token(non_embedding_params(model), tc.num_layers, tc.width, seq_len,
-                            {"text_encoder": (text_params, TEXT_CONTEXT)})
     peak = peak_flops(device, precision, peak_tflops)
     out = {"preset": preset, "strategy": strategy, "precision": precision, "activation_checkpointing": act_ckpt,
            "compile": compile_blocks, "world_size": world, "batch_per_device": batch, "grid": grid,
-           "seq_len": seq_len, "params_trainable": sum(p.numel() for p in model.parameters()),
-           "params_trainable_non_embedding": non_embedding_params(model), "params_text_encoder": text_params,
+           "seq_len": seq_len, "params_trainable": params_trainable,
+           "params_trainable_non_embedding": params_non_embedding, "params_text_encoder": text_params,
            "steps_timed": len(timer.times[warmup:]), "step_seconds_median": round(step_s, 4),
            "tokens_per_s": round(tokens_per_s, 1), "flops_per_token": flops,
+           "flops_per_token_executed": round(executed, 1),
            "achieved_tflops": round(flops["total"] * tokens_per_s / 1e12, 3),
            "mfu": round(flops["total"] * tokens_per_s / (peak * world), 4) if peak else None,
+           "mfu_executed": round(executed * tokens_per_s / (peak * world), 4) if peak else None,
            "peak_tflops_per_device": peak / 1e12 if peak else None}
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
@@ -338,8 +374,10 @@ def main(argv: list[str] | None = None) -> dict:
     batch = args.batch_size or (32 if gpu else 8)
     steps = args.steps or (30 if gpu else 6)
     precision = args.precision or ("bf16-mixed" if gpu else "32-true")
+    # Lightning re-runs this script for ranks 1.. of a multi-GPU run: only the launching process reports.
+    child = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0
     result = {"benchmark": "train_throughput", "machine": machine_info(device)}
-    if "trunk_vs_reference" in sections:
+    if "trunk_vs_reference" in sections and not child:
         runs = {pr: trunk_vs_reference(pr, grid, args.vocab, batch, steps, device) for pr in presets}
         result["trunk_vs_reference"] = runs
         result["ratio_target"] = 1.0
@@ -348,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["lightning"] = {pr: lightning_run(pr, args.strategy, precision, batch, steps, args.warmup_steps, grid,
                                                  args.vocab, device, args.devices, args.activation_checkpointing,
                                                  args.compile, args.text_model, args.peak_tflops) for pr in presets}
+    if child:
+        return result
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -54,6 +54,13 @@ def test_lightning_section_reports_mfu_from_the_given_peak():
     expect = r["flops_per_token"]["total"] * r["tokens_per_s"] / 1e12
     assert r["mfu"] == pytest.approx(expect, rel=1e-2)
     assert r["params_trainable_non_embedding"] < r["params_trainable"]
+    assert r["flops_per_token_executed"] > 0
+    assert r["mfu_executed"] == pytest.approx(r["flops_per_token_executed"] * r["tokens_per_s"] / 1e12, rel=1e-2)
+
+
+def test_synthetic_captions_are_distinct_so_the_text_tower_runs():
+    caps = tt.synthetic_captions(0, 50) + tt.synthetic_captions(50, 50)
+    assert len(set(caps)) == 100
 
 
 def test_memory_benchmark_sees_fsdp2_shard_the_optimizer_state():

@@ -64,6 +64,9 @@ def test_non_finite_check_is_batched_on_accelerators_and_still_names_the_batch(m
     with pytest.raises(FloatingPointError, match=r"non-finite training loss inf at step 0; batch keys: \['s:bad'\]"):
         module.check_finite(torch.tensor(2.0), ["s:c"])
     module.check_finite(torch.tensor(1.0), ["s:d"])  # the buffer was emptied by the read
+    module.check_finite(torch.tensor(float("nan")), ["s:late"])
+    with pytest.raises(FloatingPointError, match="s:late"):  # a checkpoint never goes out past an unread NaN
+        module.on_save_checkpoint({})
 
 
 def test_tiny_fit_learns_and_checkpoints(synthetic_shards, tmp_path):

@@ -34,8 +34,9 @@ class ClipStreamLoader(DataLoader):
 
     Args:
         dataset: the clip stream.
-        batches_per_epoch: end each epoch after this many batches (per rank). Needed with a resampled (endless)
-            stream to have epochs at all; with a finite one it also gives every rank the same number of steps.
+        batches_per_epoch: end each epoch after this many batches (per rank). A resampled (endless) stream has
+            epochs only with it; a finite one then gives every rank the same number of steps as long as every rank
+            has at least that many batches.
     """
 
     def __init__(self, dataset: ClipStream, batches_per_epoch: Optional[int] = None, **kwargs):
@@ -90,8 +91,9 @@ class VideoDataModule(L.LightningDataModule):
         resampled: draw training shards with replacement, per rank and worker (webdataset's `resampled=True`):
             the stream never ends, no rank runs out before another, and any shard count works with any number of
             nodes x GPUs x workers. The recommended mode for multi-node runs.
-        batches_per_epoch: epoch length in batches per rank. With `resampled` it defines the (nominal) epoch;
-            without it, None means one pass over this rank's shards.
+        batches_per_epoch: epoch length in batches per rank. With `resampled` it defines the (nominal) epoch, and
+            None means one endless epoch (stop with trainer.max_steps, validate with an int val_check_interval);
+            without `resampled`, None means one pass over this rank's shards.
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: Optional[str | list[str]] = None,

@@ -9,6 +9,7 @@ import time
 from typing import Any, Optional
 
 import lightning as L
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class RunSummary(L.Callback):
         self.last_loss: Optional[float] = None
         self.val: dict[str, float] = {}
         self._t0 = 0.0
+        self._pending: list[tuple[int, Any]] = []  # (step, loss on the device) not yet written
 
     def _dir(self, trainer: L.Trainer) -> str:
         path = self.dirpath or os.path.join(trainer.default_root_dir, "summary")
@@ -39,11 +41,27 @@ class RunSummary(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not trainer.is_global_zero or outputs is None:
             return
-        loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
-        self.first_loss = loss if self.first_loss is None else self.first_loss
-        self.last_loss = loss
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
+        self._pending.append((trainer.global_step, loss))
+        # Reading a device tensor is a host sync: on accelerators, read the losses once per logging interval.
+        every = 1 if loss.device.type == "cpu" else max(1, int(trainer.log_every_n_steps or 1))
+        if len(self._pending) >= every:
+            self._write_losses(trainer)
+
+    def _write_losses(self, trainer) -> None:
+        if not self._pending:
+            return
+        steps, losses = zip(*self._pending)
+        self._pending = []
+        values = torch.stack(losses).float().cpu().tolist()  # one host sync for the interval
+        self.first_loss = values[0] if self.first_loss is None else self.first_loss
+        self.last_loss = values[-1]
         with open(os.path.join(self._dir(trainer), "losses.jsonl"), "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "loss": loss}) + "\n")
+            f.writelines(json.dumps({"step": s, "loss": v}) + "\n" for s, v in zip(steps, values))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.is_global_zero:
+            self._write_losses(trainer)  # the log on disk covers every step the checkpoint has
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -53,6 +71,7 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
+        self._write_losses(trainer)
         ckpt = trainer.checkpoint_callback
         summary = {
             "global_step": trainer.global_step, "first_train_loss": self.first_loss, "last_train_loss": self.last_loss,

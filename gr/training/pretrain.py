@@ -87,6 +87,7 @@ class PretrainModule(L.LightningModule):
         return result
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_pending_losses()  # never write a checkpoint past a non-finite loss not yet read back
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": _np_state_to_tensors(),
                                     "python": torch.tensor(list(_py_state_ints()), dtype=torch.int64)}
         checkpoint["data_skipped_total"] = self._skipped_total
@@ -132,13 +133,21 @@ class PretrainModule(L.LightningModule):
         stalls the kernel queue. A bad step is then reported up to that many steps late, still by its keys.
         """
         self._pending_losses.append((loss.detach().float(), list(keys), self.global_step))
-        if len(self._pending_losses) < self._finite_check_every(loss):
+        if len(self._pending_losses) >= self._finite_check_every(loss):
+            self._check_pending_losses()
+
+    def _check_pending_losses(self) -> None:
+        """Read back the collected losses (one host sync) and raise on the first non-finite one."""
+        if not self._pending_losses:
             return
         pending, self._pending_losses = self._pending_losses, []
         values = torch.stack([v for v, _, _ in pending]).cpu()  # the one host sync
         for value, (_, batch_keys, step) in zip(values.tolist(), pending):
             if not np.isfinite(value):
                 raise FloatingPointError(f"non-finite training loss {value} at step {step}; batch keys: {batch_keys}")
+
+    def on_train_end(self) -> None:
+        self._check_pending_losses()
 
     def _finite_check_every(self, loss: torch.Tensor) -> int:
         if loss.device.type == "cpu" or self._trainer is None:
