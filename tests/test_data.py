@@ -221,3 +221,15 @@ def test_batches_per_epoch_sets_the_epoch_and_resumes(synthetic_shards, resample
     assert b.state_dict()["consumed_batches"] == 2
     assert [batch["key"] for batch in b] == epoch0[2:]  # the rest of the epoch, exactly, and no more
     assert b.state_dict() == {"epoch": 1, "positions": {}, "consumed_batches": 0}
+
+
+def test_fewer_shards_than_readers_are_shared_by_sample(synthetic_shards):
+    """One validation shard, two workers: both get data (a reader with none would stall metric syncs), and every
+    sample is read exactly once."""
+    urls = expand_urls(synthetic_shards["val_shards"], "val")[:1]
+    loader = DataLoader(ClipStream(urls, CLIP, shuffle=False), batch_size=2, num_workers=2, collate_fn=collate_clips)
+    batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    workers = {int(w) for b in batches for w in b["position"][:, 1]}
+    assert workers == {0, 1}
+    assert len(keys) == len(set(keys)) == 8  # the shard holds 8 clips

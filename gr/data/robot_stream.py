@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from gr.config import ClipSpec, ConfigError, RobotConfig
 from gr.data.robot import make_windows, normalizer
-from gr.data.shards import SampleError, expand_urls, raw_samples, split_for_reader, tokens_spec_mismatch
+from gr.data.shards import SampleError, expand_urls, raw_samples, reader_samples, tokens_spec_mismatch
 from gr.data.video_io import VideoDecodeError, get_frames, open_video, resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,9 @@ class RobotWindowStream(IterableDataset):
         return frames, state, action, meta["instruction"]
 
     def _windows(self, rng: random.Random) -> Iterator[dict[str, Any]]:
-        urls, rank, worker = split_for_reader(self.urls, self.shuffle, self.seed, self.epoch)
+        samples, rank, worker = reader_samples(self.urls, self.shuffle, self.seed, self.epoch)
         num_skipped = 0
-        for raw in raw_samples(urls):
+        for raw in samples:
             key = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
             try:
                 frames, state, action, instruction = self.episode(raw, key)

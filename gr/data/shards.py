@@ -145,6 +145,25 @@ def split_for_reader(all_urls: list[str], shuffle: bool, seed: int | str, epoch:
     return urls, rank, worker
 
 
+def reader_samples(all_urls: list[str], shuffle: bool, seed: int | str,
+                   epoch: int) -> tuple[Iterator[dict[str, Any]], int, int]:
+    """This reader's raw samples: (samples, rank, worker).
+
+    With at least as many shards as readers (ranks x workers), each reader streams whole shards (`split_for_reader`).
+    With fewer, typically a small validation set, every reader streams all shards and keeps every k-th sample, so no
+    rank or worker is left without data (a rank with none would have nothing to add when metrics are synced)."""
+    rank, world, worker, num_workers = reader_ids()
+    readers = world * num_workers
+    if len(all_urls) >= readers:
+        urls, rank, worker = split_for_reader(all_urls, shuffle, seed, epoch)
+        return raw_samples(urls), rank, worker
+    urls = list(all_urls)
+    if shuffle:
+        random.Random(f"{seed}-{epoch}").shuffle(urls)
+    me = rank * num_workers + worker
+    return (raw for i, raw in enumerate(raw_samples(urls)) if i % readers == me), rank, worker
+
+
 def raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
     """Raw webdataset samples of these tars; unreadable tar data is logged and skipped."""
     import webdataset as wds
@@ -201,12 +220,12 @@ class ClipStream(IterableDataset):
         self.resampled = resampled
         self.state = StreamState()
 
-    def _split(self) -> tuple[Iterable[str], int, int]:
+    def _reader_samples(self) -> tuple[Iterator[dict[str, Any]], int, int]:
         if not self.resampled:
-            return split_for_reader(self.urls, self.shuffle, self.seed, self.state.epoch)
+            return reader_samples(self.urls, self.shuffle, self.seed, self.state.epoch)
         rank, _, worker, _ = reader_ids()
         rng = random.Random(f"{self.seed}-{self.state.epoch}-{rank}-{worker}-shards")
-        return resampled_urls(self.urls, rng), rank, worker
+        return self._raw_samples(resampled_urls(self.urls, rng)), rank, worker
 
     def _raw_samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
         yield from raw_samples(urls)
@@ -224,12 +243,12 @@ class ClipStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        urls, rank, worker = self._split()
+        samples, rank, worker = self._reader_samples()
         epoch = self.state.epoch
         skip = (self.state.positions or {}).get(worker, 0)
         rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
         num_skipped = 0
-        for pos, raw in enumerate(self._shuffled(self._raw_samples(urls), rng), start=1):
+        for pos, raw in enumerate(self._shuffled(samples, rng), start=1):
             if pos <= skip:
                 continue  # resume: this sample was consumed before the checkpoint
             key = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
