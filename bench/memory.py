@@ -33,25 +33,12 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 STRATEGIES = ["single", "ddp", "fsdp2", "zero2", "zero3"]
 MIB = 2 ** 20
-
-
-class _LossModel(nn.Module):
-    """GRModel + the pretraining cross-entropy, so DeepSpeed's engine sees one module returning the loss."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, text, text_mask, history, future):
-        logits = self.model(text, text_mask, history, future)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), future.reshape(-1))
 
 
 def _rss_mib() -> float:
@@ -88,6 +75,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from gr.config import ClipSpec, GRModelConfig
+    from gr.distributed import FrameLoss
     from gr.model import GRModel
     from gr.training.optim import param_groups
 
@@ -114,7 +102,7 @@ def worker(args) -> None:
 
     cfg = GRModelConfig(trunk={**trunk_spec(args.preset), "activation_checkpointing": args.activation_checkpointing},
                         clip=ClipSpec(num_history=2, image_size=args.grid * 16), max_text_tokens=32)
-    net = _LossModel(GRModel(cfg, args.vocab, args.grid, 512)).to(device)
+    net = FrameLoss(GRModel(cfg, args.vocab, args.grid, 512)).to(device)
     n_params = sum(p.numel() for p in net.parameters())
     if args.strategy == "ddp":
         net = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True)

@@ -198,6 +198,24 @@ def optimizer_class(strategy) -> type:
     return torch.optim.AdamW
 
 
+class FrameLoss(nn.Module):
+    """GRModel + the pretraining loss as one module returning the loss, for raw `deepspeed.initialize`.
+
+    (text, text_mask, history, future) -> cross-entropy, as `PretrainModule._loss` minus the tokenizing. DeepSpeed gets
+    this wrapper around the GR model, not the whole LightningModule: ZeRO-3 would otherwise partition the frozen
+    encoders too, and the optimizer must not see them anyway. Parameter names ("model.*") match the LightningModule's.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text, text_mask, history, future):
+        from gr.training.pretrain import frame_cross_entropy
+
+        return frame_cross_entropy(self.model(text, text_mask, history, future), future)
+
+
 def deepspeed_config(stage: int, micro_batch_size: int, grad_accum: int = 1, world_size: int = 1,
                      offload_optimizer: bool = False, bf16: bool = False, grad_clip: float = 0.0,
                      bucket_size: float = 5e7) -> dict:

@@ -112,9 +112,7 @@ class PretrainModule(L.LightningModule):
     def _loss(self, batch: dict[str, Any]):
         history, future, text, text_mask = self.tokenize(batch)
         logits = self.model(text, text_mask, history, future)  # (B, n, V)
-        target = future.reshape(future.shape[0], -1)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
-        return loss, logits, target
+        return frame_cross_entropy(logits, future), logits, future.reshape(future.shape[0], -1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         loss, _, _ = self._loss(batch)
@@ -181,6 +179,11 @@ class PretrainModule(L.LightningModule):
 
         opt, sched = build_optimizer(self.model, self.optim_cfg, total, optimizer_class(self.trainer.strategy))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def frame_cross_entropy(logits: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of future-frame logits (B, n, V) against the codes (B, h, w), computed in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), future.reshape(-1))
 
 
 def _np_state_to_tensors() -> dict[str, torch.Tensor]:

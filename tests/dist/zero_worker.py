@@ -21,38 +21,19 @@ import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from gr.distributed import FrameLoss  # noqa: E402  (the encoders run up front, outside DeepSpeed)
 from gr.training.optim import param_groups  # noqa: E402
 from gr.training.pretrain import PretrainModule  # noqa: E402
 from tests.conftest import module_init_args  # noqa: E402
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 3e-3, 0.05, 1.0
 CAPTIONS = ["push the red block", "open the drawer", "pick up the cup", "close the lid"]
-
-
-class FrameLoss(nn.Module):
-    """`PretrainModule._loss` minus the tokenizing: (text, text_mask, history, future) -> cross-entropy.
-
-    DeepSpeed gets this wrapper around `module.model` (GRModel) rather than the whole PretrainModule: ZeRO-3 would
-    otherwise partition the frozen encoders too and wrap their no-grad forwards in gather hooks, and the optimizer must
-    not see them anyway. The encoders run once, up front, outside DeepSpeed (`tokenized_batches`). Parameter names
-    ("model.*") match the LightningModule's state_dict keys.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, text, text_mask, history, future):
-        logits = self.model(text, text_mask, history, future)  # (B, n, V)
-        target = future.reshape(future.shape[0], -1)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
 def tokenized_batches(module: PretrainModule, steps: int, global_batch: int) -> list[tuple]:
