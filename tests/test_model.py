@@ -43,8 +43,8 @@ def test_kv_cache_incremental_equals_full_forward():
 
 
 def test_cached_step_follows_weight_updates():
-    """The decode step's transposed weight copies belong to one cache: a later generation sees updated weights,
-    also when they were changed through `.data` (EMA, DeepSpeed's flat buffers), which no version counter records."""
+    """The decode step's prepared weights belong to one cache: a later generation sees updated weights, also when
+    they were changed through `.data` (EMA, DeepSpeed's flat buffers), which no version counter records."""
     m = tiny()
     assert_incremental_equals_full(m)  # fills the copies
     with torch.no_grad():
@@ -54,6 +54,46 @@ def test_cached_step_follows_weight_updates():
     for p in m.trunk.parameters():
         p.data.mul_(1.5)
     assert_incremental_equals_full(m)
+
+
+def test_cache_mixes_single_and_multi_token_calls():
+    """Decode steps reuse one key-validity bias; a later multi-token call that writes padding must replace it."""
+    m = tiny()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 30, 32, generator=g)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[0, 3:6] = False
+    valid[1, 16:18] = False  # inside the second multi-token chunk, after decode steps made the bias
+    with torch.no_grad():
+        full = m.trunk(x, valid)
+        cache = m.new_cache(2, x.device)
+        outs = [m.trunk(x[:, :10], valid[:, :10], cache)]
+        outs += [m.trunk(x[:, t:t + 1], None, cache) for t in range(10, 14)]
+        outs.append(m.trunk(x[:, 14:20], valid[:, 14:20], cache))
+        outs += [m.trunk(x[:, t:t + 1], None, cache) for t in range(20, 30)]
+    assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_linear_row_blocks_equal_linear(batch):
+    """The decode step's weight-bandwidth path (row blocks as one batched product) equals nn.Linear, and at batch 1
+    returns a plain row-major matrix (unit strides in both dims would send the next product to a slow path)."""
+    from gr.model.gpt import _DecodeLinear
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for lin in (torch.nn.Linear(24, 36), torch.nn.Linear(36, 24, bias=False), torch.nn.Linear(24, 7)):
+            dec = _DecodeLinear(lin)
+            assert dec.k == (4 if lin.out_features % 4 == 0 else 1)
+            h = torch.randn(batch, lin.in_features)
+            with torch.no_grad():
+                y = dec(h)
+                assert torch.allclose(y, lin(h), atol=1e-6)
+            if batch == 1:
+                assert y.stride() == (lin.out_features, 1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -11,7 +11,8 @@ and mask overhead around them is worth trimming.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -24,21 +25,34 @@ from gr.config import TrunkConfig
 
 @dataclass
 class KVCache:
-    """Per-layer keys/values, preallocated for `max_len` tokens. `length` tokens are filled."""
+    """Per-layer keys/values, preallocated for `max_len` tokens. `length` tokens are filled.
 
-    k: list[torch.Tensor]  # per layer (B, nh, max_len, hs)
-    v: list[torch.Tensor]
+    Layer i's keys and values are the two halves of one (B, 2, nh, max_len, hs) tensor `kv[i]`, so a decode step
+    writes both with one copy.
+    """
+
+    kv: list[torch.Tensor]  # per layer (B, 2, nh, max_len, hs): keys, values
     key_valid: torch.Tensor  # (B, max_len) bool: False for padding keys (e.g. unused text tokens)
     length: int = 0
-    step_weights: dict = field(default_factory=dict)  # id(weight) -> (in, out) copy for decode steps on the CPU
+    decode_layers: Optional[list] = None  # weights prepared for single-token steps, by the first one (one generation)
+    decode_bias: Optional[torch.Tensor] = None  # (B, 1, 1, max_len) additive key-validity bias for decode steps
 
     @classmethod
     def empty(cls, cfg: TrunkConfig, batch: int, max_len: int, device, dtype) -> "KVCache":
         hs = cfg.width // cfg.num_heads
-        shape = (batch, cfg.num_heads, max_len, hs)
-        ks = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        vs = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        return cls(ks, vs, torch.ones(batch, max_len, dtype=torch.bool, device=device))
+        shape = (batch, 2, cfg.num_heads, max_len, hs)
+        kv = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        return cls(kv, torch.ones(batch, max_len, dtype=torch.bool, device=device))
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """Per layer (B, nh, max_len, hs) keys (views)."""
+        return [kv[:, 0] for kv in self.kv]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        """Per layer (B, nh, max_len, hs) values (views)."""
+        return [kv[:, 1] for kv in self.kv]
 
 
 def attention_mask(key_valid: torch.Tensor, q_len: int, past: int) -> torch.Tensor:
@@ -71,10 +85,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         q = q[:, :, q_from:]
         if cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start:start + t] = k
-            cache.v[layer][:, :, start:start + t] = v
-            k, v = cache.k[layer][:, :, :start + t], cache.v[layer][:, :, :start + t]  # (B, nh, S, hs)
+            start, kv = cache.length, cache.kv[layer]
+            kv[:, 0, :, start:start + t] = k
+            kv[:, 1, :, start:start + t] = v
+            k, v = kv[:, 0, :, :start + t], kv[:, 1, :, :start + t]  # (B, nh, S, hs)
         p = self.dropout if self.training else 0.0
         if self.use_xformers and x.is_cuda:
             y = self._xformers(q, k, v, mask, p)
@@ -159,6 +173,7 @@ class GPTTrunk(nn.Module):
         if cache is not None:
             if key_valid is not None:
                 cache.key_valid[:, past:past + t] = key_valid
+                cache.decode_bias = None
             all_valid = cache.key_valid[:, :past + t]
         else:
             all_valid = key_valid
@@ -187,43 +202,85 @@ class GPTTrunk(nn.Module):
     def _decode_token(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One cached generation step (eval mode): x (B, 1, C) -> (B, 1, C), `cache.length` advances by 1.
 
-        The same math as the blocks, unrolled into functional calls (dropout is the identity in eval). A query at the
-        newest position may attend to every cached key, so the causal mask reduces to key validity: one (B, 1, 1, S)
-        additive bias per step, shared by all layers (SDPA would turn a boolean mask into the same bias per layer).
+        The same math as the blocks, unrolled into functional calls on (B, C) rows (dropout is the identity in eval),
+        with the weights prepared once per cache (`_DecodeLinear`). A query at the newest position may attend to every
+        cached key, so the causal mask reduces to key validity: one additive bias over the whole cache, made once and
+        sliced per step, shared by all layers (SDPA would turn a boolean mask into the same bias per layer).
         """
         b, _, c = x.shape
         past, nh = cache.length, self.cfg.num_heads
         s, hs = past + 1, c // nh
-        bias = torch.zeros(b, 1, 1, s, dtype=x.dtype, device=x.device).masked_fill_(
-            ~cache.key_valid[:, None, None, :s], float("-inf"))
-        for i, blk in enumerate(self.blocks):
-            attn, mlp = blk.attn, blk.mlp
-            h = F.layer_norm(x, (c,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
-            q, k, v = _step_linear(h, attn.qkv, cache).view(b, 3, nh, 1, hs).unbind(1)  # (B, nh, 1, hs)
-            cache.k[i][:, :, past:s] = k
-            cache.v[i][:, :, past:s] = v
-            y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :s], cache.v[i][:, :, :s], attn_mask=bias)
-            x = x + _step_linear(y.view(b, 1, c), attn.proj, cache)
-            h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
-            x = x + _step_linear(F.gelu(_step_linear(h, mlp.fc, cache)), mlp.proj, cache)
+        if cache.decode_layers is None:
+            cache.decode_layers = [_DecodeLayer.of(blk) for blk in self.blocks]
+        if cache.decode_bias is None:  # remade only when a multi-token call writes key validity
+            cache.decode_bias = torch.zeros(cache.key_valid.shape, dtype=x.dtype, device=x.device).masked_fill_(
+                ~cache.key_valid, float("-inf"))[:, None, None]
+        bias = cache.decode_bias[..., :s]
+        x = x.view(b, c)
+        for i, layer in enumerate(cache.decode_layers):
+            h = F.layer_norm(x, (c,), *layer.ln_1)
+            qkv = layer.qkv(h).reshape(b, 3, nh, 1, hs)
+            kv = cache.kv[i]
+            kv[:, :, :, past:s] = qkv[:, 1:]  # keys and values in one copy
+            y = F.scaled_dot_product_attention(qkv[:, 0], kv[:, 0, :, :s], kv[:, 1, :, :s], attn_mask=bias)
+            x = x + layer.proj(y.view(b, c))
+            x = x + layer.fc_out(F.gelu(layer.fc(F.layer_norm(x, (c,), *layer.ln_2))))
         cache.length = s
-        return F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        return F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps).view(b, 1, c)
 
 
-def _step_linear(x: torch.Tensor, lin: nn.Linear, cache: KVCache) -> torch.Tensor:
-    """`lin(x)` for the few rows of a decode step: (B, 1, in) -> (B, 1, out).
+class _DecodeLinear:
+    """`nn.Linear` for the few rows of a decode step: (B, in) -> (B, out), possibly non-contiguous.
 
-    On the CPU, a wide layer (out > in: qkv, MLP fc) reads its weight as a contiguous (in, out) copy: MKL's
-    matrix-vector product streams that layout about 1.5x faster than nn.Linear's (out, in) on AVX2 (measured at
-    preset S; square and narrowing layers gain nothing, so they keep the original). The copies live in the cache,
-    i.e. for one generation call, during which the weights cannot change.
+    On the CPU a decode step is a matrix-vector product per layer, bound by reading the weight, and MKL runs a
+    single-row `F.linear` on one thread (13-20 GB/s at preset S on 2 AVX2 cores). Viewing the (out, in) weight as k
+    row blocks (k, out/k, in), a free view, makes it one batched product that MKL spreads over k threads (24-27 GB/s;
+    3x `F.linear` at batch 4). k is the largest divisor of `out` up to the intra-op thread count. The result equals
+    `F.linear` up to float summation order. The views are made once per KV cache (one generation call), so a step
+    does not pay for them; elsewhere (k = 1, e.g. on a GPU) it is `F.linear`.
     """
-    w = lin.weight
-    if x.device.type != "cpu" or w.shape[0] <= w.shape[1]:
-        return F.linear(x, w, lin.bias)
-    wt = cache.step_weights.get(id(w))
-    if wt is None:
-        wt = cache.step_weights[id(w)] = w.detach().t().contiguous()
-    flat = x.reshape(-1, x.shape[-1])
-    out = torch.mm(flat, wt) if lin.bias is None else torch.addmm(lin.bias, flat, wt)
-    return out.view(*x.shape[:-1], -1)
+
+    __slots__ = ("weight", "bias", "blocks", "bias_blocks", "k")
+
+    def __init__(self, lin: nn.Linear):
+        self.weight, self.bias = lin.weight, lin.bias
+        out_f, in_f = lin.weight.shape
+        self.k = _row_blocks(out_f, torch.get_num_threads()) if lin.weight.device.type == "cpu" else 1
+        self.blocks = lin.weight.view(self.k, out_f // self.k, in_f)
+        self.bias_blocks = None if lin.bias is None else lin.bias.view(self.k, out_f // self.k, 1)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.k == 1:
+            return F.linear(h, self.weight, self.bias)
+        b, in_f = h.shape
+        cols = h.t().expand(self.k, in_f, b)  # (k, in, B): the same rows for every block
+        y = (torch.bmm(self.blocks, cols) if self.bias_blocks is None
+             else torch.baddbmm(self.bias_blocks, self.blocks, cols))  # (k, out/k, B)
+        # (B, out). At B = 1 a plain view: a transposed one would have unit strides in both dims, which BLAS cannot
+        # take as a matrix, so a later product on it would fall back to a slow path (4x slower, measured).
+        return y.view(1, -1) if b == 1 else y.view(-1, b).t()
+
+
+@dataclass
+class _DecodeLayer:
+    """One block's parameters, prepared for `GPTTrunk._decode_token`."""
+
+    ln_1: tuple
+    qkv: _DecodeLinear
+    proj: _DecodeLinear
+    ln_2: tuple
+    fc: _DecodeLinear
+    fc_out: _DecodeLinear
+
+    @classmethod
+    def of(cls, blk: Block) -> "_DecodeLayer":
+        return cls((blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps), _DecodeLinear(blk.attn.qkv),
+                   _DecodeLinear(blk.attn.proj), (blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps),
+                   _DecodeLinear(blk.mlp.fc), _DecodeLinear(blk.mlp.proj))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_blocks(out_features: int, threads: int) -> int:
+    """How many row blocks `_DecodeLinear` splits a weight into: the largest divisor of out_features that is at most
+    the intra-op thread count (1 = a plain `F.linear`)."""
+    return next(k for k in range(min(threads, out_features), 0, -1) if out_features % k == 0)
