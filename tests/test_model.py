@@ -78,13 +78,13 @@ def test_cache_mixes_single_and_multi_token_calls():
 def test_decode_linear_row_blocks_equal_linear(batch):
     """The decode step's weight-bandwidth path (row blocks as one batched product) equals nn.Linear, and at batch 1
     returns a plain row-major matrix (unit strides in both dims would send the next product to a slow path)."""
-    from gr.model.gpt import _DecodeLinear
+    from gr.model.gpt import StepLinear
 
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
         for lin in (torch.nn.Linear(24, 36), torch.nn.Linear(36, 24, bias=False), torch.nn.Linear(24, 7)):
-            dec = _DecodeLinear(lin)
+            dec = StepLinear(lin)
             assert dec.k == (4 if lin.out_features % 4 == 0 else 1)
             h = torch.randn(batch, lin.in_features)
             with torch.no_grad():

@@ -161,7 +161,8 @@ class GPTTrunk(nn.Module):
             key_valid: (B, T) bool for these tokens; None = all valid. With a cache it is written into the cache.
             cache: KVCache to read and extend; `cache.length` advances by T.
             num_outputs: return only the last k positions (B, k, C). The last block then runs its queries, output
-                projection and MLP for those rows only: the rest feed nothing downstream (no cache).
+                projection and MLP for those rows only: the rest feed nothing downstream. With a cache, the last
+                block still writes every row's keys and values.
         Returns:
             (B, T, C), or (B, num_outputs, C).
         """
@@ -183,7 +184,7 @@ class GPTTrunk(nn.Module):
             kv = all_valid if all_valid is not None else torch.ones(b, past + t, dtype=torch.bool, device=x.device)
             mask = attention_mask(kv, t, past)
         last, q_from, last_mask = len(self.blocks) - 1, 0, mask
-        if num_outputs is not None and cache is None and 0 < num_outputs < t:
+        if num_outputs is not None and 0 < num_outputs < t:
             q_from = t - num_outputs
             last_mask = (mask[:, :, q_from:] if mask is not None
                          else attention_mask(torch.ones(b, t, dtype=torch.bool, device=x.device), num_outputs, q_from))
@@ -194,7 +195,7 @@ class GPTTrunk(nn.Module):
             else:
                 x = block(x, m, cache, i, qf)
         if num_outputs is not None and x.shape[1] > num_outputs:
-            x = x[:, -num_outputs:]  # with a cache every row was computed (all keys and values are needed)
+            x = x[:, -num_outputs:]  # num_outputs >= t: every row was computed
         if cache is not None:
             cache.length = past + t
         return self.ln_f(x)
@@ -203,7 +204,7 @@ class GPTTrunk(nn.Module):
         """One cached generation step (eval mode): x (B, 1, C) -> (B, 1, C), `cache.length` advances by 1.
 
         The same math as the blocks, unrolled into functional calls on (B, C) rows (dropout is the identity in eval),
-        with the weights prepared once per cache (`_DecodeLinear`). A query at the newest position may attend to every
+        with the weights prepared once per cache (`StepLinear`). A query at the newest position may attend to every
         cached key, so the causal mask reduces to key validity: one additive bias over the whole cache, made once and
         sliced per step, shared by all layers (SDPA would turn a boolean mask into the same bias per layer).
         """
@@ -236,15 +237,16 @@ class GPTTrunk(nn.Module):
         return F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps).view(b, 1, c)
 
 
-class _DecodeLinear:
+class StepLinear:
     """`nn.Linear` for the few rows of a decode step: (B, in) -> (B, out), possibly non-contiguous.
 
     On the CPU a decode step is a matrix-vector product per layer, bound by reading the weight, and MKL runs a
     single-row `F.linear` on one thread (13-20 GB/s at preset S on 2 AVX2 cores). Viewing the (out, in) weight as k
     row blocks (k, out/k, in), a free view, makes it one batched product that MKL spreads over k threads (24-27 GB/s;
     3x `F.linear` at batch 4). k is the largest divisor of `out` up to the intra-op thread count. The result equals
-    `F.linear` up to float summation order. The views are made once per KV cache (one generation call), so a step
-    does not pay for them; elsewhere (k = 1, e.g. on a GPU) it is `F.linear`.
+    `F.linear` up to float summation order. Build one per generation call (the trunk keeps its layers' in the KV
+    cache, `GRModel.generate_future_frame` one for the frame head), so steps do not pay for the views; elsewhere
+    (k = 1, e.g. on a GPU) it is `F.linear`. Inference only: the views hold no autograd history of their own.
     """
 
     __slots__ = ("weight", "bias", "blocks", "bias_blocks", "k")
@@ -273,21 +275,21 @@ class _DecodeLayer:
     """One block's parameters, prepared for `GPTTrunk._decode_token`."""
 
     ln_1: tuple
-    qkv: _DecodeLinear
-    proj: _DecodeLinear
+    qkv: StepLinear
+    proj: StepLinear
     ln_2: tuple
-    fc: _DecodeLinear
-    fc_out: _DecodeLinear
+    fc: StepLinear
+    fc_out: StepLinear
 
     @classmethod
     def of(cls, blk: Block) -> "_DecodeLayer":
-        return cls((blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps), _DecodeLinear(blk.attn.qkv),
-                   _DecodeLinear(blk.attn.proj), (blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps),
-                   _DecodeLinear(blk.mlp.fc), _DecodeLinear(blk.mlp.proj))
+        return cls((blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps), StepLinear(blk.attn.qkv),
+                   StepLinear(blk.attn.proj), (blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps),
+                   StepLinear(blk.mlp.fc), StepLinear(blk.mlp.proj))
 
 
 @functools.lru_cache(maxsize=None)
 def _row_blocks(out_features: int, threads: int) -> int:
-    """How many row blocks `_DecodeLinear` splits a weight into: the largest divisor of out_features that is at most
+    """How many row blocks `StepLinear` splits a weight into: the largest divisor of out_features that is at most
     the intra-op thread count (1 = a plain `F.linear`)."""
     return next(k for k in range(min(threads, out_features), 0, -1) if out_features % k == 0)

@@ -29,7 +29,7 @@ from torch import nn
 
 from gr.config import GRModelConfig
 from gr.model.action_head import CVAEActionHead
-from gr.model.gpt import GPTTrunk, KVCache
+from gr.model.gpt import GPTTrunk, KVCache, StepLinear
 
 
 class GRModel(nn.Module):
@@ -101,8 +101,7 @@ class GRModel(nn.Module):
 
     def embed_frame(self, codes: torch.Tensor, slot: int, start: int = 0, view: Optional[int] = None) -> torch.Tensor:
         """codes (B, k) at spatial positions start..start+k-1 of time slot `slot` (and camera `view`) -> (B, k, C)."""
-        pos = torch.arange(start, start + codes.shape[1], device=codes.device)
-        x = self.code_emb(codes) + self.spatial_emb(pos) + self.time_emb.weight[slot]
+        x = self.code_emb(codes) + self.spatial_emb.weight[start:start + codes.shape[1]] + self.time_emb.weight[slot]
         return x + self.view_emb.weight[view] if view is not None else x
 
     def _view(self, v: int) -> Optional[int]:
@@ -202,6 +201,7 @@ class GRModel(nn.Module):
         n, nv = self.tokens_per_frame, self.num_views
         out = history_codes.new_empty(b, nv, n)
         cache = self.new_cache(b, prefix.device, prefix.dtype) if use_cache else None
+        head = StepLinear(self.frame_head) if use_cache else self.frame_head
         pending, pending_valid = prefix, valid  # tokens not yet run through the cached trunk
         for v in range(nv):
             bos = self.embed_frame(out.new_full((b, 1), self.bos_index), self.future_slot, view=self._view(v))
@@ -210,11 +210,11 @@ class GRModel(nn.Module):
                 pending_valid = torch.cat([pending_valid, pending_valid.new_ones(b, 1)], dim=1)
             for j in range(n):
                 if use_cache:
-                    h = self.trunk(pending, pending_valid, cache)[:, -1]
+                    h = self.trunk(pending, pending_valid, cache, num_outputs=1)[:, -1]
                     pending_valid = None
                 else:
                     h = self._recompute_last(prefix, valid, out, v, j)
-                out[:, v, j] = _sample(self.frame_head(h), temperature, top_k, generator)
+                out[:, v, j] = _sample(head(h), temperature, top_k, generator)
                 pending = (self.embed_frame(out[:, v, j:j + 1], self.future_slot, start=j + 1, view=self._view(v))
                            if j + 1 < n else None)
         out = out.reshape(b, nv, self.grid_size, self.grid_size)
