@@ -14,6 +14,7 @@ from tests.conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 import memory  # noqa: E402
+import rollout_speed  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
 TINY = "2x32x2"
@@ -88,3 +89,11 @@ def test_throughput_benchmark_builds_strategies_from_the_yaml_overlays():
     assert isinstance(ds, DeepSpeedStrategy) and ds.config["zero_optimization"]["stage"] == 2
     with pytest.raises(SystemExit, match="no configs/strategy/nope.yaml"):
         tt._strategy("nope")
+
+
+def test_rollout_speed_runs_both_paths_to_identical_tokens():
+    """The rollout benchmark runs on the demo size and reports both paths; it asserts identical tokens itself."""
+    r = rollout_speed.main(["--settings", "demo", "--num-frames", "2", "--batch", "2"])["demo"]
+    assert r["identical_tokens"] and r["num_frames"] == 2 and r["batch"] == 2
+    assert r["cached_frames_per_s"] > 0 and r["recompute_frames_per_s"] > 0
+    assert r["speedup"] == pytest.approx(r["cached_frames_per_s"] / r["recompute_frames_per_s"], rel=0.02)

@@ -213,7 +213,8 @@ class GPTTrunk(nn.Module):
         bias = cache.decode_bias.narrow(3, 0, s)
         x = x.view(b, c)
         # On the CPU, oneDNN's GELU costs a fixed ~8 us per call more than ATen's own kernel, which is much of a
-        # single-row GELU; with oneDNN off for the step, a preset-S step ran 0.3-0.5 ms (5-7%) faster.
+        # single-row GELU; with oneDNN off for the step, a preset-S step ran 0.3-0.5 ms (5-7%) faster. The flag is
+        # process-wide: it is restored when the step ends.
         onednn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False
         try:
