@@ -92,6 +92,13 @@ def test_decode_linear_row_blocks_equal_linear(batch):
                 assert torch.allclose(y, lin(h), atol=1e-6)
             if batch == 1:
                 assert y.stride() == (lin.out_features, 1)
+        strided = torch.nn.Linear(24, 36)
+        strided.weight = torch.nn.Parameter(torch.randn(24, 36).t())  # a transposed view: no block view exists
+        dec = StepLinear(strided)
+        assert dec.k == 1
+        h = torch.randn(batch, 24)
+        with torch.no_grad():
+            assert torch.allclose(dec(h), strided(h), atol=1e-6)
     finally:
         torch.set_num_threads(threads)
 

@@ -249,7 +249,8 @@ class StepLinear:
     def __init__(self, lin: nn.Linear):
         self.weight, self.bias = lin.weight, lin.bias
         out_f, in_f = lin.weight.shape
-        self.k = _row_blocks(out_f, torch.get_num_threads()) if lin.weight.device.type == "cpu" else 1
+        blocked = lin.weight.device.type == "cpu" and lin.weight.is_contiguous()  # the block view needs both
+        self.k = _row_blocks(out_f, torch.get_num_threads()) if blocked else 1
         self.blocks = lin.weight.view(self.k, out_f // self.k, in_f)
         self.bias_blocks = None if lin.bias is None else lin.bias.view(self.k, out_f // self.k, 1)
 
