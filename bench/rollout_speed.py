@@ -4,8 +4,8 @@ Prints one JSON object with, for each setting, frames/s with and without the cac
 - `demo`: the demo's pretraining model (4 layers x 128, 8x8 codes, 256 codes, 2 history frames), 8 frames;
 - `preset_S`: trunk preset S (12 x 448), 8x8 codes, 8 frames (a few minutes on 2 CPU cores; the target is >= 10x).
 Generation is greedy from random weights: the cost does not depend on the weights. Both paths produce the same tokens
-(asserted here and in tests/test_rollout.py). After one untimed warm-up frame per path, the two paths alternate frame
-by frame, so the ratio is not skewed by the machine's speed drifting during the run. At batch 1 a cached step is a matrix-vector product per weight matrix,
+(asserted here and in tests/test_rollout.py). After one untimed warm-up frame per path, the two paths
+alternate frame by frame, so the ratio is not skewed by the machine's speed drifting during the run. At batch 1 a cached step is a matrix-vector product per weight matrix,
 bound by memory bandwidth (the whole model is read per token); `--batch` shares those reads across samples.
 
     .venv/bin/python bench/rollout_speed.py                 # both settings

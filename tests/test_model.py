@@ -103,6 +103,35 @@ def test_decode_linear_row_blocks_equal_linear(batch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("user_setting", [True, False])
+def test_decode_steps_restore_onednn_flag_across_threads(user_setting):
+    """Decode steps switch oneDNN off (a process-wide flag). Threads generating at once must leave the user's
+    setting as it was, also when a step raises."""
+    import threading
+
+    m = tiny()
+    text, mask, hist, _ = inputs()
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = user_setting
+    try:
+        def work():
+            for _ in range(15):
+                m.generate_future_frame(text, mask, hist)
+
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert torch.backends.mkldnn.enabled is user_setting
+        cache = m.new_cache(2, text.device)
+        with pytest.raises(RuntimeError):
+            m.trunk(torch.randn(2, 1, 31), None, cache)  # wrong width: fails inside the step
+        assert torch.backends.mkldnn.enabled is user_setting
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_generation_cached_equals_uncached(temperature):
     m = tiny()

@@ -11,7 +11,9 @@ and mask overhead around them is worth trimming.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +30,9 @@ class KVCache:
     """Per-layer keys/values, preallocated for `max_len` tokens. `length` tokens are filled.
 
     Layer i's keys and values are the two halves of one (B, 2, nh, max_len, hs) tensor `kv[i]`, so a decode step
-    writes both with one copy.
+    writes both with one copy; `k[i]` and `v[i]` (not dataclass fields) are views of those halves, made once.
+    Decode steps also keep prepared weight views and a key-validity bias here: a cache serves one generation call,
+    with the model's weights and `key_valid` changed only through the trunk.
     """
 
     kv: list[torch.Tensor]  # per layer (B, 2, nh, max_len, hs): keys, values
@@ -154,9 +158,9 @@ class GPTTrunk(nn.Module):
             x: (B, T, C) embeddings of the new tokens.
             key_valid: (B, T) bool for these tokens; None = all valid. With a cache it is written into the cache.
             cache: KVCache to read and extend; `cache.length` advances by T.
-            num_outputs: return only the last k positions (B, k, C). The last block then runs its queries, output
-                projection and MLP for those rows only: the rest feed nothing downstream. With a cache, the last
-                block still writes every row's keys and values.
+            num_outputs: return only the last k positions (B, k, C) (all T when k >= T). The last block then runs
+                its queries, output projection and MLP for those rows only: the rest feed nothing downstream. With a
+                cache, the last block still writes every row's keys and values.
         Returns:
             (B, T, C), or (B, num_outputs, C).
         """
@@ -188,8 +192,6 @@ class GPTTrunk(nn.Module):
                 x = checkpoint(block, x, m, None, i, qf, use_reentrant=False)
             else:
                 x = block(x, m, cache, i, qf)
-        if num_outputs is not None and x.shape[1] > num_outputs:
-            x = x[:, -num_outputs:]  # num_outputs >= t: every row was computed
         if cache is not None:
             cache.length = past + t
         return self.ln_f(x)
@@ -212,12 +214,7 @@ class GPTTrunk(nn.Module):
                 ~cache.key_valid, float("-inf"))[:, None, None]
         bias = cache.decode_bias.narrow(3, 0, s)
         x = x.view(b, c)
-        # On the CPU, oneDNN's GELU costs a fixed ~8 us per call more than ATen's own kernel, which is much of a
-        # single-row GELU; with oneDNN off for the step, a preset-S step ran 0.3-0.5 ms (5-7%) faster. The flag is
-        # process-wide: it is restored when the step ends.
-        onednn = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
-        try:
+        with _onednn_off(x.device.type == "cpu" and x.dtype == torch.float32):
             # narrow/select rather than [] indexing: a step is short enough for Python's indexing to show (~1.5%)
             for layer, kv, keys, values in zip(cache.decode_layers, cache.kv, cache.k, cache.v):
                 qkv = layer.qkv(F.layer_norm(x, (c,), *layer.ln_1)).reshape(b, 3, nh, 1, hs)
@@ -226,8 +223,6 @@ class GPTTrunk(nn.Module):
                                                    attn_mask=bias)
                 x = x + layer.proj(y.view(b, c))
                 x = x + layer.fc_out(F.gelu(layer.fc(F.layer_norm(x, (c,), *layer.ln_2))))
-        finally:
-            torch.backends.mkldnn.enabled = onednn
         cache.length = s
         return F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps).view(b, 1, c)
 
@@ -249,7 +244,9 @@ class StepLinear:
     def __init__(self, lin: nn.Linear):
         self.weight, self.bias = lin.weight, lin.bias
         out_f, in_f = lin.weight.shape
-        blocked = lin.weight.device.type == "cpu" and lin.weight.is_contiguous()  # the block view needs both
+        # Measured for fp32 on the CPU; the block view needs a contiguous weight. bf16 keeps oneDNN's F.linear.
+        blocked = (lin.weight.device.type == "cpu" and lin.weight.dtype == torch.float32
+                   and lin.weight.is_contiguous())
         self.k = _row_blocks(out_f, torch.get_num_threads()) if blocked else 1
         self.blocks = lin.weight.view(self.k, out_f // self.k, in_f)
         self.bias_blocks = None if lin.bias is None else lin.bias.view(self.k, out_f // self.k, 1)
@@ -289,3 +286,36 @@ def _row_blocks(out_features: int, threads: int) -> int:
     """How many row blocks `StepLinear` splits a weight into: the largest divisor of out_features that is at most
     the intra-op thread count (1 = a plain `F.linear`)."""
     return next(k for k in range(min(threads, out_features), 0, -1) if out_features % k == 0)
+
+
+_onednn_lock = threading.Lock()
+_onednn_users = 0
+_onednn_saved = True
+
+
+@contextlib.contextmanager
+def _onednn_off(active: bool):
+    """oneDNN off while fp32 CPU decode steps run.
+
+    oneDNN's GELU costs a fixed ~8 us per call more than ATen's own kernel, which is much of a single-row GELU: with
+    oneDNN off, a preset-S step ran 0.3-0.5 ms (5-7%) faster (interleaved A/B). The flag is process-wide, so steps
+    running in several threads share one switch: the first to enter turns it off, the last to leave restores the
+    user's setting. Other threads' CPU ops meanwhile pick ATen kernels instead of oneDNN ones (speed only). bf16 keeps
+    oneDNN: its matrix products need it.
+    """
+    global _onednn_users, _onednn_saved
+    if not active:
+        yield
+        return
+    with _onednn_lock:
+        if _onednn_users == 0:
+            _onednn_saved = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _onednn_users += 1
+    try:
+        yield
+    finally:
+        with _onednn_lock:
+            _onednn_users -= 1
+            if _onednn_users == 0:
+                torch.backends.mkldnn.enabled = _onednn_saved

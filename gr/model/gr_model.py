@@ -101,7 +101,8 @@ class GRModel(nn.Module):
 
     def embed_frame(self, codes: torch.Tensor, slot: int, start: int = 0, view: Optional[int] = None) -> torch.Tensor:
         """codes (B, k) at spatial positions start..start+k-1 of time slot `slot` (and camera `view`) -> (B, k, C)."""
-        x = self.code_emb(codes) + self.spatial_emb.weight[start:start + codes.shape[1]] + self.time_emb.weight[slot]
+        pos = torch.arange(start, start + codes.shape[1], device=codes.device)
+        x = self.code_emb(codes) + self.spatial_emb(pos) + self.time_emb.weight[slot]
         return x + self.view_emb.weight[view] if view is not None else x
 
     def _view(self, v: int) -> Optional[int]:
