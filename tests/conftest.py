@@ -19,6 +19,16 @@ TINY_MODEL = dict(trunk=dict(num_layers=2, num_heads=2, width=32), max_text_toke
                   clip=dict(num_history=2, future_frame_offset=1, fps=8.0, image_size=32))
 
 
+@pytest.fixture(autouse=True)
+def _finish_wandb_runs():
+    """A WandbLogger run left open by one test would be reused by the next test's WandbLogger (Lightning attaches
+    to `wandb.run` when one exists), so its media would land in the earlier test's folder."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """48 train + 16 val clips at 32 px, 8 clips per shard. Returns make_synthetic_video's summary dict."""
