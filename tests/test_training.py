@@ -58,7 +58,7 @@ def test_non_finite_loss_names_the_batch(module, monkeypatch):
 
 
 def test_non_finite_check_is_batched_on_accelerators_and_still_names_the_batch(module, monkeypatch):
-    monkeypatch.setattr(module, "_finite_check_every", lambda loss: 3)  # as on a GPU with log_every_n_steps=3
+    monkeypatch.setattr("gr.training.pretrain.readback_interval", lambda trainer, value: 3)  # a GPU, log every 3
     module.check_finite(torch.tensor(1.0), ["s:a"])
     module.check_finite(torch.tensor(float("inf")), ["s:bad"])  # not read back yet: no host sync per step
     with pytest.raises(FloatingPointError, match=r"non-finite training loss inf at step 0; batch keys: \['s:bad'\]"):

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gr.config import ConfigError, as_config
-from gr.data.shards import expand_urls, split_for_reader
+from gr.data.shards import expand_urls, reader_ids, split_for_reader
 from gr.data.video_io import VideoDecodeError, get_frames_min_size, open_video, resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,10 @@ class FrameStream(IterableDataset):
         self.resume_tag = 0  # batches consumed before a resume: reseeds the stream so it does not replay frames
 
     def _my_urls(self, urls: list[str], epoch: int) -> list[str]:
-        mine, rank, worker = split_for_reader(urls, self.endless, f"{self.seed}-{self.resume_tag}", epoch)
+        mine, _, _ = split_for_reader(urls, self.endless, f"{self.seed}-{self.resume_tag}", epoch)
         if not mine and self.endless:  # fewer shards than readers: share one rather than starve
-            info = get_worker_info()
-            mine = [urls[(rank * (info.num_workers if info else 1) + worker) % len(urls)]]
+            rank, _, worker, num_workers = reader_ids()
+            mine = [urls[(rank * num_workers + worker) % len(urls)]]
         return mine
 
     def decode(self, raw: dict[str, Any], member: str, rng: random.Random, key: str) -> np.ndarray:

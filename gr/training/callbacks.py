@@ -14,6 +14,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def readback_interval(trainer: Optional[L.Trainer], value: torch.Tensor) -> int:
+    """How many steps' device values to collect before reading them back. Reading a device tensor is a host sync
+    that stalls the kernel queue, so on accelerators values are read once per `trainer.log_every_n_steps`; on the
+    CPU reading costs nothing, so every step."""
+    if value.device.type == "cpu" or trainer is None:
+        return 1
+    return max(1, int(trainer.log_every_n_steps or 1))
+
+
 class RunSummary(L.Callback):
     """Append every training step's loss to `<dir>/losses.jsonl` and write `<dir>/summary.json` at the end.
 
@@ -43,9 +52,7 @@ class RunSummary(L.Callback):
             return
         loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
         self._pending.append((trainer.global_step, loss))
-        # Reading a device tensor is a host sync: on accelerators, read the losses once per logging interval.
-        every = 1 if loss.device.type == "cpu" else max(1, int(trainer.log_every_n_steps or 1))
-        if len(self._pending) >= every:
+        if len(self._pending) >= readback_interval(trainer, loss):
             self._write_losses(trainer)
 
     def _write_losses(self, trainer) -> None:
@@ -117,8 +124,6 @@ class RolloutVideos(L.Callback):
         model = self._inference_model(pl_module)  # a collective under FSDP2: every rank takes part
         if model is None or not trainer.is_global_zero or self._batch is None:
             return
-        import torch
-
         with torch.no_grad():
             samples = self._rollout(pl_module, model, self._batch, trainer)
         self.written.append({"step": trainer.global_step, "samples": samples})

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
-from gr.training.pretrain import PretrainModule
+from gr.training.pretrain import PretrainModule, frame_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class FinetuneModule(PretrainModule):
         hist, fut = self.codes(batch)
         text, text_mask = self.text_encoder(batch["instruction"])
         logits, readouts = self.model(text, text_mask, hist, fut, state=self.state_input(batch))
-        frame_ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), fut.reshape(-1))
+        frame_ce = frame_cross_entropy(logits, fut)
         mask = batch["action_mask"].bool()
         chunk = torch.cat([batch["arm"], batch["gripper"] * 2 - 1], dim=-1)  # encoder input, (B, k, A)
         arm, grip, mu, logvar = self.model.action_head(readouts, chunk, mask, sample=sample_latent)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from gr.config import ClipSpec, GRModelConfig, ImageTokenizerConfig, OptimConfig, TextEncoderConfig, as_config
 from gr.encoders import FrozenTextEncoder, FrozenVQGAN
 from gr.model import GRModel
+from gr.training.callbacks import readback_interval
 from gr.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class PretrainModule(L.LightningModule):
         stalls the kernel queue. A bad step is then reported up to that many steps late, still by its keys.
         """
         self._pending_losses.append((loss.detach().float(), list(keys), self.global_step))
-        if len(self._pending_losses) >= self._finite_check_every(loss):
+        if len(self._pending_losses) >= readback_interval(self._trainer, loss):
             self._check_pending_losses()
 
     def _check_pending_losses(self) -> None:
@@ -146,11 +147,6 @@ class PretrainModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self._check_pending_losses()
-
-    def _finite_check_every(self, loss: torch.Tensor) -> int:
-        if loss.device.type == "cpu" or self._trainer is None:
-            return 1  # reading a CPU tensor costs nothing
-        return max(1, int(self._trainer.log_every_n_steps or 1))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
         loss, logits, target = self._loss(batch)
