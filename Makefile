@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test`. Both create or refresh .venv idempotently.
+# Main commands: `make demo`, `make test` and `make experiment`. Each creates or refreshes .venv idempotently.
 # The CPU install path pins torch 2.13.0 (the CPU wheel) via constraints-cpu.txt so pip never pulls CUDA builds.
 SHELL := /bin/bash
 PY ?= python3
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.gr-installed
 APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libosmesa6 libglfw3
 PYTEST_ARGS ?=
 
-.PHONY: all install apt demo test clean-venv
+.PHONY: all install apt demo experiment test clean-venv
 
 all: test
 
@@ -39,6 +39,14 @@ test: install
 
 demo: install
 	$(BIN)/python -m gr.demo --out outputs/demo
+
+# Pretrained vs scratch finetuning (gr/experiment.py), from `make demo`'s pretraining checkpoint, whose corpus is
+# synthetic video without the Meta-World tasks. Estimated at about 3 hours on 2 CPU cores.
+PRETRAINED ?= outputs/demo/pretrain/checkpoints/last.ckpt
+PRETRAIN_INCLUDES_TARGET_TASKS ?= no
+experiment: install
+	$(BIN)/python -m gr.experiment --out outputs/experiment --pretrained $(PRETRAINED) \
+	  --pretrain-includes-target-tasks $(PRETRAIN_INCLUDES_TARGET_TASKS)
 
 clean-venv:
 	rm -rf $(VENV)

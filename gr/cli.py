@@ -6,6 +6,7 @@
 - `gr finetune fit --config configs/finetune.yaml` (= `python finetune.py fit ...`; robot finetuning)
 - `gr eval --checkpoint CKPT` (closed-loop success rate on Meta-World tasks)
 - `gr rollout --checkpoint CKPT --source SHARDS` (predicted frames beside the ground truth, metrics)
+- `gr experiment --pretrained CKPT --pretrain-includes-target-tasks {yes,no}` (pretrained vs scratch finetuning)
 - `gr demo` (the embedded end-to-end demo), `gr presets` (trainable parameter counts of S/B/L/XL)
 """
 
@@ -132,6 +133,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.add_parser("eval", help="closed-loop success rate on Meta-World: gr eval --checkpoint CKPT", add_help=False)
     sub.add_parser("rollout", help="generate future frames beside the ground truth: gr rollout --checkpoint CKPT "
                    "--source SHARDS", add_help=False)
+    sub.add_parser("experiment", help="pretrained vs scratch finetuning at several demo counts: gr experiment "
+                   "--pretrained CKPT --pretrain-includes-target-tasks {yes,no}", add_help=False)
+    if argv and argv[0] == "experiment":
+        from gr.experiment import main as experiment_main
+
+        experiment_main(argv[1:])
+        return
     if argv and argv[0] == "rollout":
         from gr.rollout import main as rollout_main
 

@@ -6,8 +6,11 @@
   history and state (one-step predictions), and the action chunk, against what happened.
 
 Outputs per sample: an MP4 and a GIF (one row per view: ground truth | prediction, with the frame index and the
-caption/instruction overlaid), `metrics.json` with PSNR/SSIM per horizon step for the prediction and for the
-copy-last-frame baseline, `metrics.png`, and for robots `actions.png` (predicted vs true chunk per dimension).
+caption/instruction overlaid), and for robots `actions.png` (predicted vs true chunk per dimension). `metrics.json`
+holds, per horizon step, per sample and averaged (`gr.metrics.world_model_metrics`; robots also `per_view`): PSNR/SSIM
+of the prediction, of copy-last-frame raw and through the VQGAN, and of the VQGAN's reconstruction of the true frame
+(the tokenizer's ceiling: about the best a model that outputs VQGAN decodes can reach), and token accuracies against
+the true frame's codes and the copy-last codes. `metrics.png` plots them.
 
 Legend: B samples, N generated frames, Nv views, S frame side, h/w code grid.
 """
@@ -21,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from gr.metrics import psnr, ssim
+from gr.metrics import world_model_metrics
 
 
 def module_from_checkpoint(path: str, map_location: str = "cpu"):
@@ -48,17 +51,59 @@ def imagine(module, history_codes: torch.Tensor, captions: list[str], num_frames
     return torch.stack(outs, dim=1)
 
 
-def frame_metrics(pred: np.ndarray, true: np.ndarray, last: np.ndarray) -> dict[str, list[float]]:
-    """Per horizon step, averaged over samples and views: PSNR/SSIM of prediction and of copy-last-frame.
-    pred/true: uint8 (B, N, Nv, S, S, 3); last: (B, Nv, S, S, 3) or (B, N, Nv, S, S, 3), the last frame the model
-    saw (per step for one-step robot predictions)."""
-    p, t = torch.from_numpy(pred), torch.from_numpy(true)
-    c = torch.from_numpy(last)
-    c = (c[:, None] if c.dim() == t.dim() - 1 else c).expand_as(t)
-    clip = lambda x: x.clamp(max=100.0)  # noqa: E731 - identical frames give +inf PSNR; cap for averaging
-    return {"psnr": clip(psnr(p, t)).mean(dim=(0, 2)).tolist(), "ssim": ssim(p, t).mean(dim=(0, 2)).tolist(),
-            "psnr_copy_last": clip(psnr(c, t)).mean(dim=(0, 2)).tolist(),
-            "ssim_copy_last": ssim(c, t).mean(dim=(0, 2)).tolist()}
+def vq_world_metrics(tokenizer, pred_codes, true_codes=None, last_codes=None, true=None, last=None,
+                     view_names: Optional[list[str]] = None) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """`world_model_metrics` per sample, with the VQGAN doing the encodes and decodes; also the decoded prediction.
+
+    With raw frames (`true`, `last`) they are the reference, and their codes are encoded here unless given. Codes-only
+    data (pre-tokenized batches) has no raw frames: the decodes of `true_codes` and `last_codes` stand in for them
+    (reference "vqgan_decode"), so the recon ceiling sits at the cap and copy-last raw equals copy-last VQ.
+
+    Args:
+        tokenizer: the frozen VQGAN (`encode`, `decode`).
+        pred_codes: (B, N, Nv, h, w) predicted codes.
+        true_codes: (B, N, Nv, h, w) codes of the true frames; None to encode `true`.
+        last_codes: codes of the last seen frame, (B, Nv, h, w) or (B, N, Nv, h, w); None to encode `last`.
+        true: uint8 raw true frames (B, N, Nv, S, S, 3), or None for codes-only data.
+        last: uint8 raw last seen frame, (B, Nv, S, S, 3) or (B, N, Nv, S, S, 3), or None with `true`.
+        view_names: names of the Nv views for the per-view breakdown (robots); None for none.
+
+    Returns:
+        B per-sample metric dicts, and the decoded prediction uint8 (B, N, Nv, S, S, 3).
+    """
+    if (true is None) != (last is None):
+        raise ValueError("vq_world_metrics: give both raw frames (true, last) or neither")
+    if true is None and (true_codes is None or last_codes is None):
+        raise ValueError("vq_world_metrics: without raw frames, true_codes and last_codes are required")
+    device = next(tokenizer.parameters()).device
+    run = lambda fn, x: fn(torch.as_tensor(x).to(device)).cpu()  # noqa: E731 - batches may live on the accelerator
+    true_codes = run(tokenizer.encode, true) if true_codes is None else torch.as_tensor(true_codes).cpu()
+    last_codes = run(tokenizer.encode, last) if last_codes is None else torch.as_tensor(last_codes).cpu()
+    pred_codes = torch.as_tensor(pred_codes).cpu()
+    pred, recon, last_vq = (run(tokenizer.decode, c) for c in (pred_codes, true_codes, last_codes))
+    reference = "vqgan_decode" if true is None else "raw"
+    true = recon if true is None else torch.as_tensor(true).cpu()
+    last = last_vq if last is None else torch.as_tensor(last).cpu()
+    per_sample = [world_model_metrics(true=true[b:b + 1], pred=pred[b:b + 1], recon=recon[b:b + 1],
+                                      last=last[b:b + 1], last_vq=last_vq[b:b + 1], true_codes=true_codes[b:b + 1],
+                                      pred_codes=pred_codes[b:b + 1], last_codes=last_codes[b:b + 1],
+                                      view_names=view_names, reference=reference) for b in range(len(pred))]
+    return per_sample, pred.numpy()
+
+
+def mean_metrics(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average metric dicts key by key: per-step lists elementwise, nested dicts (`per_view`) recursively; strings
+    (`reference`) are kept."""
+    out: dict[str, Any] = {}
+    for key, value in items[0].items():
+        values = [m[key] for m in items]
+        if isinstance(value, dict):
+            out[key] = mean_metrics(values)
+        elif isinstance(value, str):
+            out[key] = value
+        else:
+            out[key] = np.mean(values, axis=0).round(4).tolist()
+    return out
 
 
 def _label(img: np.ndarray, text: str) -> np.ndarray:
@@ -97,20 +142,29 @@ def write_video(frames: np.ndarray, path_stem: str, fps: float = 4.0) -> dict[st
     return {"mp4": path_stem + ".mp4", "gif": path_stem + ".gif"}
 
 
-def plot_metrics(metrics: dict[str, list[float]], path: str) -> str:
+_CURVES = (("", "o-", "prediction"), ("_copy_last", "s--", "copy last frame (raw)"),
+           ("_copy_last_vq", "^--", "copy last frame (VQGAN)"), ("_recon", ":", "VQGAN recon (ceiling)"))
+
+
+def plot_metrics(metrics: dict[str, Any], path: str) -> str:
+    """PSNR and SSIM per horizon step of the prediction and its baselines, and the token accuracies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
     steps = np.arange(1, len(metrics["psnr"]) + 1)
     for ax, name in zip(axes, ("psnr", "ssim")):
-        ax.plot(steps, metrics[name], "o-", label="prediction")
-        ax.plot(steps, metrics[f"{name}_copy_last"], "s--", label="copy last frame")
-        ax.set_xlabel("horizon step")
+        for suffix, style, label in _CURVES:
+            ax.plot(steps, metrics[name + suffix], style, label=label)
         ax.set_ylabel(name.upper())
-        ax.legend()
+    for key, style in (("token_acc", "o-"), ("token_acc_copy_last", "s--"), ("token_agree_copy_last", ":")):
+        axes[2].plot(steps, metrics[key], style, label=key)
+    axes[2].set_ylabel("token accuracy")
+    for ax in axes:
+        ax.set_xlabel("horizon step")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -138,19 +192,17 @@ def plot_actions(pred: np.ndarray, true: np.ndarray, path: str) -> str:
     return path
 
 
-def save_rollout(out_dir: str, name: str, true: np.ndarray, pred: np.ndarray, last: np.ndarray, caption: str,
-                 indices: list[int], fps: float) -> dict[str, Any]:
-    """Write one sample's video files and metrics; true/pred (N, Nv, S, S, 3), last (Nv, ...) or (N, Nv, ...)."""
+def save_rollout(out_dir: str, name: str, true: np.ndarray, pred: np.ndarray, caption: str, indices: list[int],
+                 fps: float, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write one sample's video files; true/pred (N, Nv, S, S, 3), metrics from `vq_world_metrics`."""
     os.makedirs(out_dir, exist_ok=True)
     files = write_video(grid_frames(true, pred, caption, indices), os.path.join(out_dir, name), fps)
-    metrics = frame_metrics(pred[None], true[None], last[None])
     return {"name": name, "caption": caption, **files, "metrics": metrics}
 
 
 def summarize(samples: list[dict[str, Any]], out_dir: str, extra: dict[str, Any]) -> dict[str, Any]:
     """Average per-sample metrics over samples, write metrics.json and metrics.png."""
-    keys = samples[0]["metrics"].keys()
-    mean = {k: np.mean([s["metrics"][k] for s in samples], axis=0).round(4).tolist() for k in keys}
+    mean = mean_metrics([s["metrics"] for s in samples])
     report = {**extra, "metrics": mean, "samples": samples,
               "plot": plot_metrics(mean, os.path.join(out_dir, "metrics.png"))}
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -208,11 +260,13 @@ def rollout_text_video(module, source: str, out_dir: str, caption: Optional[str]
     frames = torch.from_numpy(np.stack([f[:need] for _, f, _ in sources]))  # (B, need, S, S, 3)
     codes = module.image_tokenizer.encode(frames[:, :th])
     gen = imagine(module, codes, [c for _, _, c in sources], num_frames, temperature, top_k, seed, use_cache)
-    pred = module.image_tokenizer.decode(gen).numpy()[:, :, None]  # (B, N, 1, S, S, 3)
     idx = [th - 1 + (i + 1) * step for i in range(num_frames)]
-    true = frames[:, idx].numpy()[:, :, None]
-    samples = [save_rollout(out_dir, f"sample{b:02d}", true[b], pred[b], frames[b, th - 1].numpy()[None],
-                            sources[b][2], idx, clip.fps) | {"key": sources[b][0]} for b in range(len(sources))]
+    true = frames[:, idx].numpy()[:, :, None]  # (B, N, 1, S, S, 3)
+    # Every imagined frame is judged against copying the last frame the model saw, the same for all steps.
+    metrics, pred = vq_world_metrics(module.image_tokenizer, gen[:, :, None], last_codes=codes[:, th - 1, None],
+                                     true=true, last=frames[:, th - 1, None])
+    samples = [save_rollout(out_dir, f"sample{b:02d}", true[b], pred[b], sources[b][2], idx, clip.fps, metrics[b])
+               | {"key": sources[b][0]} for b in range(len(sources))]
     return summarize(samples, out_dir, {"kind": "text-video", "num_frames": num_frames, "temperature": temperature,
                                         "top_k": top_k, "seed": seed})
 
@@ -267,11 +321,8 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
     sel = torch.tensor(t_steps)
     gen = module.model.generate_future_frame(text[sel], mask[sel], hist[sel], temperature, top_k,
                                              torch.Generator().manual_seed(seed), state=st[sel])
-    vi = [robot.view_names.index(v) for v in shown]
-    pred = module.image_tokenizer.decode(gen[:, vi]).numpy()  # (N, Nv', S, S, 3)
-    true = np.stack([np.stack([frames[v][t + step] for v in shown]) for t in t_steps])
-    last = np.stack([np.stack([frames[v][t] for v in shown]) for t in t_steps])
-    result = save_rollout(out_dir, name, true, pred, last, instruction, [t + step for t in t_steps], 4.0)
+    true, pred, metrics = _robot_frames(module, codes, frames, gen, t_steps, shown)
+    result = save_rollout(out_dir, name, true, pred, instruction, [t + step for t in t_steps], 4.0, metrics)
     arm, grip, _, _ = module.model.action_head(module.model.readout_features(text, mask, hist, st))
     first = np.zeros((len(ws), robot.action_dim), np.float32)
     first[:, robot.arm_index] = arm[:, 0].numpy() * norm["action_std"][robot.arm_index] + \
@@ -282,6 +333,20 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
     result["actions_plot"] = plot_actions(first, action, os.path.join(out_dir, f"{name}_actions.png"))
     result["action_l1"] = float(np.abs(first - action).mean())
     return result | {"key": key}
+
+
+def _robot_frames(module, codes, frames, gen, t_steps, shown):
+    """True frames and decoded predictions (N, Nv', S, S, 3) of the shown views, and their metrics per view; the
+    baseline copies each view's frame at t, the last the model saw, to predict t + future_frame_offset."""
+    step, names = module.clip_spec.future_frame_offset, module.robot_spec.view_names
+    pick = lambda per_view, off: np.stack([np.stack([per_view[v][t + off] for v in shown])  # noqa: E731
+                                           for t in t_steps])
+    codes = {v: c.numpy() for v, c in codes.items()}
+    true, last, true_codes, last_codes = pick(frames, step), pick(frames, 0), pick(codes, step), pick(codes, 0)
+    vi = [names.index(v) for v in shown]
+    metrics, pred = vq_world_metrics(module.image_tokenizer, gen[None, :, vi], true_codes[None], last_codes[None],
+                                     true[None], last[None], view_names=shown)
+    return true, pred[0], metrics[0]
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

@@ -13,14 +13,17 @@ def test_demo_stages_run_and_report(tmp_path):
     out = tmp_path / "demo"
     summary = main(["--out", str(out), "--num-train", "64", "--num-val", "16", "--num-frames", "6",
                     "--tokenizer-steps", "3", "--max-steps", "3", "--robot-demos", "2",
-                    "--robot-tasks", "coffee-button-v3", "--finetune-steps", "2", "--eval-episodes", "1"])
+                    "--robot-tasks", "coffee-button-v3", "--finetune-steps", "2", "--eval-episodes", "1",
+                    "--video-tasks", "coffee-button-v3", "reach-v3", "--video-episodes", "1"])
     assert json.load(open(out / "summary.json")) == summary
-    assert list(summary["stages"]) == ["synthetic_data", "tokenizer", "pretokenize", "pretrain", "robot_demos",
-                                       "robot_pretokenize", "finetune", "closed_loop_eval", "rollouts"]
+    assert list(summary["stages"]) == ["synthetic_data", "robot_video", "robot_demos", "tokenizer", "pretokenize",
+                                       "pretokenize_robot_video", "pretrain", "robot_pretokenize", "finetune",
+                                       "closed_loop_eval", "rollouts"]
+    assert summary["pretrain_includes_target_tasks"] == ["coffee-button-v3"]
     assert all(stage["seconds"] > 0 for stage in summary["stages"].values())
     tok = summary["stages"]["tokenizer"]
     assert tok["held_out_frames"] == 32 and tok["global_step"] == 3
-    for key in ("psnr_trained_db", "psnr_random_init_db"):
+    for key in ("psnr_trained_db", "psnr_random_init_db", "psnr_robot_head_db", "psnr_robot_wrist_db"):
         assert math.isfinite(tok[key]) and 0 < tok[key] < 60
     assert tok["psnr_gain_db"] == round(tok["psnr_trained_db"] - tok["psnr_random_init_db"], 3)
     assert summary["checks"]["tokenizer_psnr_gain_ge_6db"] == (tok["psnr_gain_db"] >= 6.0)  # measured, not forced
@@ -38,8 +41,12 @@ def test_demo_stages_run_and_report(tmp_path):
     assert summary["checks"]["two_tasks_at_least_50pct_success"] is False  # one task cannot make two
     assert os.path.isfile(ev["videos"]["coffee-button-v3"])
     ro = summary["stages"]["rollouts"]
-    tv = ro["text_video"]
+    tv = ro["video"]
     assert len(tv["metrics"]["psnr"]) == 4 and all(os.path.isfile(p) for p in tv["videos"] + tv["gifs"])
     assert summary["checks"]["pretrained_beats_copy_last_psnr_first4"] == (
-        tv["mean_psnr_first4"] > tv["mean_psnr_first4_copy_last"])
+        tv["mean_psnr_first4"] > tv["mean_psnr_copy_last_first4"])
+    views = ro["robot"]["per_view_mean"]
+    assert sorted(views) == ["head", "wrist"]
+    assert summary["checks"]["finetuned_beats_copy_last_psnr_every_view"] == all(
+        v["psnr"] > v["psnr_copy_last"] for v in views.values())
     assert os.path.isfile(ro["robot"]["action_plots"][0]) and len(ro["robot"]["metrics"]["ssim"]) >= 1

@@ -57,8 +57,10 @@ def test_text_video_rollout_files_and_metrics(pre_ckpt, synthetic_shards, tmp_pa
     gif = Image.open(out / "sample01.gif")
     assert gif.n_frames == 3 and gif.size == (128, 88)
     saved = json.load(open(out / "metrics.json"))
-    for key in ("psnr", "ssim", "psnr_copy_last", "ssim_copy_last"):
-        assert len(saved["metrics"][key]) == 3
+    for key in ("psnr", "ssim", "psnr_copy_last", "ssim_copy_last", "psnr_copy_last_vq", "ssim_copy_last_vq",
+                "psnr_recon", "ssim_recon", "token_acc", "token_acc_copy_last", "token_agree_copy_last"):
+        assert len(saved["metrics"][key]) == 3 and len(saved["samples"][1]["metrics"][key]) == 3
+    assert saved["metrics"]["reference"] == "raw"
     assert (out / "metrics.png").stat().st_size > 1000
     assert saved["samples"][0]["caption"].startswith("a ")
 
@@ -129,6 +131,12 @@ def test_training_logs_rollout_videos_to_disk_and_wandb(synthetic_shards, tmp_pa
     wandb.finish()
     cb = next(c for c in cli.trainer.callbacks if type(c).__name__ == "RolloutVideos")
     assert [w["step"] for w in cb.written] == [2]
+    # Raw validation frames: the metrics compare with them, and the headline scalars reach the loggers.
+    assert cb.written[0]["metrics"]["reference"] == "raw" and len(cb.written[0]["samples"][0]["metrics"]["psnr"]) == 1
+    scalars = cb.written[0]["scalars"]
+    for key in ("psnr", "psnr_copy_last", "token_acc", "token_acc_copy_last"):
+        logged = cli.trainer.callback_metrics[f"val/rollout_{key}"]
+        assert float(logged) == pytest.approx(scalars[f"val/rollout_{key}"])
     gif = os.path.join(root, "rollouts", "step000002", "sample01.gif")
     from PIL import Image
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from gr.config import ClipSpec, ConfigError
-from gr.data.shards import ClipStream, StreamState, expand_urls, parse_meta, tokens_spec_mismatch
+from gr.config import ClipSpec, ConfigError, as_config
+from gr.data.shards import (ClipSource, ClipStream, MixedClipStream, StreamState, expand_urls, parse_meta,
+                            tokens_spec_mismatch)
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
         "num_skipped": sum(s["num_skipped"] for s in samples),  # a host int: no device sync to read it
+        "source": torch.tensor([s["source"] for s in samples]),  # (B,) index into data.train_sources (0: one source)
         "position": torch.stack([s["position"] for s in samples]),  # (B, 3): epoch, worker, raw position
     }
 
@@ -80,6 +82,7 @@ class VideoDataModule(L.LightningDataModule):
 
     Args:
         train_shards: brace pattern(s) of training tars, e.g. "data/train-{000000..000099}.tar"; `pipe:` URLs work.
+            Give this or `train_sources`, not both.
         val_shards: the same for validation (iterated in order, clips chosen deterministically).
         batch_size: clips per batch per process.
         num_workers: DataLoader workers per process (shards are split across ranks, then workers).
@@ -94,12 +97,18 @@ class VideoDataModule(L.LightningDataModule):
         batches_per_epoch: epoch length in batches per rank. With `resampled` it defines the (nominal) epoch, and
             None means one endless epoch (stop with trainer.max_steps, validate with an int val_check_interval);
             without `resampled`, None means one pass over this rank's shards.
+        train_sources: instead of `train_shards`, several sets of training shards mixed by weight, as
+            `[{shards, weight}, ...]` (`ClipSource`): each draw picks a source with probability weight / sum of the
+            weights of the sources that still have data. Each source is split across ranks and workers on its own;
+            in a finite epoch a source that runs out drops out of the mix and the epoch ends when all have, with
+            `resampled` every source is drawn endlessly. Batches carry `source`, each sample's index in this list.
+            A single source is the same stream as `train_shards` with those shards.
     """
 
-    def __init__(self, train_shards: str | list[str], val_shards: Optional[str | list[str]] = None,
+    def __init__(self, train_shards: Optional[str | list[str]] = None, val_shards: Optional[str | list[str]] = None,
                  batch_size: int = 16, num_workers: int = 2, shuffle_buffer: int = 256, seed: int = 0,
                  clip: Optional[ClipSpec] = None, shard_format: str = "video", resampled: bool = False,
-                 batches_per_epoch: Optional[int] = None):
+                 batches_per_epoch: Optional[int] = None, train_sources: Optional[list[ClipSource]] = None):
         super().__init__()
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ConfigError(f"data.batches_per_epoch must be >= 1 or null, got {batches_per_epoch}")
@@ -111,12 +120,32 @@ class VideoDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        self.train_urls = expand_urls(train_shards, "data.train_shards")
+        self.train_sources = self._expand_train_sources(train_shards, train_sources)
         self.val_urls = expand_urls(val_shards, "data.val_shards") if val_shards else None
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.clip = clip
         self._train_loader: Optional[ClipStreamLoader] = None
+
+    @staticmethod
+    def _expand_train_sources(train_shards: Optional[str | list[str]], train_sources: Optional[Sequence[Any]]
+                              ) -> list[tuple[list[str], float, str]]:
+        """(urls, weight, config path) per training source; `train_shards` is one source of weight 1."""
+        if (train_shards is None) == (train_sources is None):
+            raise ConfigError("data.train_shards / data.train_sources: give exactly one of them (train_shards: one "
+                              f"set of shards; train_sources: [{{shards, weight}}, ...] mixed by weight), got "
+                              f"{'both' if train_shards is not None else 'neither'}")
+        if train_sources is None:
+            return [(expand_urls(train_shards, "data.train_shards"), 1.0, "data.train_shards")]
+        if not train_sources:
+            raise ConfigError("data.train_sources: the list is empty; give at least one {shards, weight}")
+        out = []
+        for i, src in enumerate(train_sources):
+            where = f"data.train_sources[{i}]"
+            src = as_config(ClipSource, src, where)
+            src.check(where)
+            out.append((expand_urls(src.shards, f"{where}.shards"), float(src.weight), where))
+        return out
 
     def _resolve_clip(self) -> ClipSpec:
         model_clip = getattr(getattr(self.trainer, "lightning_module", None), "clip_spec", None) if self.trainer else None
@@ -140,10 +169,16 @@ class VideoDataModule(L.LightningDataModule):
         if spec is None:
             return
         # Fail before training when the shards were tokenized by another tokenizer or are not pre-tokenized at all.
-        for field, urls in (("data.train_shards", self.train_urls), ("data.val_shards", self.val_urls)):
+        # Every source is checked: a mix may hold one source tokenized with an older VQGAN.
+        checks = [(field, urls) for urls, _, field in self.train_sources] + [("data.val_shards", self.val_urls)]
+        clip = self._resolve_clip()
+        for field, urls in checks:
             if not urls:
                 continue
-            raw, key = ClipStream(urls, self._resolve_clip()).first_sample()
+            try:
+                raw, key = ClipStream(urls, clip).first_sample()
+            except ValueError as exc:
+                raise ConfigError(f"{field}: {exc}") from None
             if "tokens.npy" not in raw:
                 raise ConfigError(f"{field}: {key} has no tokens.npy member; data.shard_format 'tokens' needs "
                                   "shards written by data_prep/tokenize_shards.py")
@@ -157,8 +192,9 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ClipStreamLoader:
         if self._train_loader is None:  # keep one loader so its progress survives across epochs
-            ds = ClipStream(self.train_urls, self._resolve_clip(), True, self.shuffle_buffer, self.seed,
-                            tokens=self._tokens_spec(), resampled=self.resampled)
+            ds = MixedClipStream([(urls, weight) for urls, weight, _ in self.train_sources], self._resolve_clip(),
+                                 shuffle=True, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+                                 tokens=self._tokens_spec(), resampled=self.resampled)
             self._train_loader = ClipStreamLoader(ds, self.batches_per_epoch, **self._loader_kwargs())
         return self._train_loader
 

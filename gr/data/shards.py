@@ -7,6 +7,9 @@ Determinism and resume: the shard order and the shuffle buffer are seeded by (se
 sample carries `(worker, raw position)`. A loader can therefore resume mid-epoch by skipping, without decoding, the raw
 samples each worker had already produced (see `ClipStreamLoader` in datamodule.py).
 
+Several sources (`MixedClipStream`) are split by rank and worker each on its own, then interleaved by weight with an
+rng seeded like the shuffle buffer, so the mixed stream is as deterministic as a single one and resumes the same way.
+
 Pre-tokenized shards (`data_prep/tokenize_shards.py`) hold `{key}.tokens.npy` (uint16/int32 codes [T, h, w] of every
 native frame, or of frames resampled to `tokens.fps`) instead of the mp4, and the json gains a `tokens` block naming the
 tokenizer. Clips are cut from them with the same frame indices and the same random draws as from the mp4, so both forms
@@ -22,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from gr.config import ClipSpec
+from gr.config import ClipSpec, ConfigError
 from gr.data.video_io import VideoDecodeError, get_frames, open_video, resample_indices, resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -47,11 +51,28 @@ def expand_urls(spec: str | list[str], field: str) -> list[str]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls = [u for s in specs for u in braceexpand.braceexpand(s)]
     if not urls:
-        raise ValueError(f"{field}: no shards given")
+        raise ConfigError(f"{field}: no shards given")
     for u in urls:
         if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u):
-            raise ValueError(f"{field}: shard file not found: {u!r}")
+            raise ConfigError(f"{field}: shard file not found: {u!r}")
     return urls
+
+
+@dataclass
+class ClipSource:
+    """One set of text-video shards in a weighted pretraining mix (an entry of `data.train_sources`)."""
+
+    shards: Any = None  # brace pattern or list of patterns (local tars or `pipe:` URLs); required
+    weight: float = 1.0  # relative sampling weight, > 0: drawn weight / sum(weights) of the time while all have data
+
+    def check(self, where: str) -> None:
+        """Raise a ConfigError naming `where` (the source's config path, e.g. "data.train_sources[1]") and the field.
+
+        Not in `__post_init__`: only the data module knows the source's index, and the message must name it."""
+        if self.shards is None:
+            raise ConfigError(f"{where}.shards is required (a brace pattern or a list of them)")
+        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight <= 0:
+            raise ConfigError(f"{where}.weight must be a finite number > 0, got {self.weight!r}")
 
 
 def parse_meta(raw: bytes, key: str) -> dict[str, Any]:
@@ -184,6 +205,24 @@ def resampled_urls(urls: list[str], rng: random.Random) -> Iterator[str]:
         yield urls[rng.randrange(len(urls))]
 
 
+def mix_by_weight(streams: list[Iterator[dict[str, Any]]], weights: list[float],
+                  rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Interleave raw sample streams: each draw picks a stream with probability proportional to its weight and
+    takes its next sample, tagged `__source__` with the stream's index. A stream that runs dry drops out (the others
+    then share its draws); the mix ends when every stream has. The result depends only on the streams and `rng`,
+    so replaying it from the same seed replays the same draws."""
+    live = list(range(len(streams)))
+    while live:
+        i = rng.choices(live, weights=[weights[k] for k in live])[0]
+        try:
+            raw = next(streams[i])
+        except StopIteration:
+            live.remove(i)
+            continue
+        raw["__source__"] = i
+        yield raw
+
+
 @dataclass
 class StreamState:
     """Where a clip stream is: epoch, and raw samples already produced per worker in that epoch."""
@@ -194,7 +233,7 @@ class StreamState:
 
 class ClipStream(IterableDataset):
     """Iterable of {"frames": uint8 (Tc, S, S, 3) or "codes": int64 (Tc, h, w), "caption", "key", "num_skipped",
-    "position": (epoch, worker, pos)}.
+    "source", "position": (epoch, worker, pos)}. `source` is 0 here; `MixedClipStream` sets it per sample.
 
     Args:
         urls: shard URLs (already expanded).
@@ -221,11 +260,15 @@ class ClipStream(IterableDataset):
         self.state = StreamState()
 
     def _reader_samples(self) -> tuple[Iterator[dict[str, Any]], int, int]:
-        if not self.resampled:
-            return reader_samples(self.urls, self.shuffle, self.seed, self.state.epoch)
         rank, _, worker, _ = reader_ids()
-        rng = random.Random(f"{self.seed}-{self.state.epoch}-{rank}-{worker}-shards")
-        return self._raw_samples(resampled_urls(self.urls, rng)), rank, worker
+        return self._source_samples(self.urls, self.seed, rank, worker), rank, worker
+
+    def _source_samples(self, urls: list[str], seed: int | str, rank: int, worker: int) -> Iterator[dict[str, Any]]:
+        """This reader's raw samples of one set of shards: split by rank then worker, or resampled from all."""
+        if not self.resampled:
+            return reader_samples(urls, self.shuffle, seed, self.state.epoch)[0]
+        rng = random.Random(f"{seed}-{self.state.epoch}-{rank}-{worker}-shards")
+        return self._raw_samples(resampled_urls(urls, rng))
 
     def _raw_samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
         yield from raw_samples(urls)
@@ -261,9 +304,11 @@ class ClipStream(IterableDataset):
                 item = self.decode(raw, key, clip_rng)
             except SampleError as exc:
                 num_skipped += 1
-                log.warning("skipped sample (%d so far in rank %d worker %d): %s", num_skipped, rank, worker, exc)
+                log.warning("skipped sample of source %d (%d so far in rank %d worker %d): %s",
+                            raw.get("__source__", 0), num_skipped, rank, worker, exc)
                 continue
-            yield {**item, "key": key, "num_skipped": num_skipped, "position": torch.tensor([epoch, worker, pos])}
+            yield {**item, "key": key, "num_skipped": num_skipped, "source": raw.get("__source__", 0),
+                   "position": torch.tensor([epoch, worker, pos])}
             num_skipped = 0
 
     def decode(self, raw: dict[str, Any], key: str, rng: random.Random) -> dict[str, Any]:
@@ -285,3 +330,39 @@ class ClipStream(IterableDataset):
         for raw in self._raw_samples(self.urls[:1]):
             return raw, f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         raise ValueError(f"shard {self.urls[0]!r} holds no samples")
+
+
+class MixedClipStream(ClipStream):
+    """A ClipStream over several sets of shards, mixed by weight.
+
+    Each source is split by rank then worker on its own (`reader_samples`, with its fewer-shards-than-readers
+    fallback), or resampled on its own, and `mix_by_weight` interleaves them with an rng seeded by (seed, epoch,
+    rank, worker). The mixed raw stream then goes through the shuffle buffer, skipping and decoding of `ClipStream`
+    unchanged, so `position` counts mixed draws and a resume that skips `pos` of them replays the mix exactly.
+    In a finite epoch a source that runs out drops out of the mix and the epoch ends when all have; with
+    `resampled` every source is drawn endlessly.
+
+    Args:
+        sources: (urls, weight) per source, urls already expanded; each sample's `source` is its index here.
+        clip: what the model needs (frame offsets, fps, size).
+        **kwargs: the other ClipStream arguments (shuffle, shuffle_buffer, seed, tokens, resampled).
+    """
+
+    def __init__(self, sources: list[tuple[list[str], float]], clip: ClipSpec, **kwargs):
+        if not sources:
+            raise ValueError("MixedClipStream needs at least one source")
+        super().__init__([u for urls, _ in sources for u in urls], clip, **kwargs)
+        self.sources = [(list(urls), float(weight)) for urls, weight in sources]
+
+    def _source_seed(self, i: int) -> int | str:
+        # Source 0 keeps the plain seed, so a one-source mix is exactly the ClipStream of its shards: a run can
+        # switch from data.train_shards to data.train_sources and still resume from its checkpoint.
+        return self.seed if i == 0 else f"{self.seed}-source{i}"
+
+    def _reader_samples(self) -> tuple[Iterator[dict[str, Any]], int, int]:
+        rank, _, worker, _ = reader_ids()
+        streams = [self._source_samples(urls, self._source_seed(i), rank, worker)
+                   for i, (urls, _) in enumerate(self.sources)]
+        # Its own rng, not the shuffle buffer's: with one source the draws must leave the buffer's order unchanged.
+        rng = random.Random(f"{self.seed}-{self.state.epoch}-{rank}-{worker}-mix")
+        return mix_by_weight(streams, [w for _, w in self.sources], rng), rank, worker

@@ -90,10 +90,26 @@ class RunSummary(L.Callback):
             json.dump(summary, f, indent=2)
 
 
+HEADLINE_KEYS = ("psnr", "psnr_copy_last", "token_acc", "token_acc_copy_last")
+
+
+def headline_scalars(metrics: dict[str, Any], prefix: str = "val/rollout_") -> dict[str, float]:
+    """`val/rollout_<key>` (the mean over horizon steps and views) and, per view, `val/rollout_<key>/<view>`."""
+    out = {prefix + k: float(sum(metrics[k]) / len(metrics[k])) for k in HEADLINE_KEYS}
+    for view, per in metrics.get("per_view", {}).items():
+        out.update({f"{prefix}{k}/{view}": float(sum(per[k]) / len(per[k])) for k in HEADLINE_KEYS})
+    return out
+
+
 class RolloutVideos(L.Callback):
     """Every `every_n_val_epochs` validations, predict the future frame of the first validation batch's samples with
     the KV cache and write ground truth | prediction videos (history frames, then the future frame) to
     `<dirpath>/step<N>/` and, with a WandbLogger, as `val/rollout` videos (offline runs keep them too).
+
+    Each sample carries `gr.rollout.vq_world_metrics` of its future frame, and `headline_scalars` of their mean are
+    logged (`val/rollout_psnr`, `val/rollout_token_acc`, ..., per view for robots). Batches of raw frames are judged
+    against the raw frames (`reference: "raw"`); pre-tokenized batches have none, so there the VQGAN decodes of the
+    true codes stand in for them (`reference: "vqgan_decode"`: the recon ceiling is then exact by construction).
 
     Args:
         every_n_val_epochs: how often (in validation runs) to write videos.
@@ -126,7 +142,14 @@ class RolloutVideos(L.Callback):
             return
         with torch.no_grad():
             samples = self._rollout(pl_module, model, self._batch, trainer)
-        self.written.append({"step": trainer.global_step, "samples": samples})
+        from gr.rollout import mean_metrics
+
+        metrics = mean_metrics([s["metrics"] for s in samples])
+        scalars = headline_scalars(metrics)
+        # Only rank 0 gets here, so nothing may wait on the other ranks (no sync_dist).
+        pl_module.log_dict(scalars, rank_zero_only=True, batch_size=len(samples))
+        self.written.append({"step": trainer.global_step, "samples": samples, "metrics": metrics,
+                             "scalars": scalars})
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_video("val/rollout", [s["gif"] for s in samples], step=trainer.global_step,
@@ -164,30 +187,48 @@ class RolloutVideos(L.Callback):
     def _rollout(self, module, model, batch, trainer) -> list[dict[str, Any]]:
         import numpy as np
 
-        from gr.rollout import save_rollout
+        from gr.rollout import save_rollout, vq_world_metrics
 
-        n = self.num_samples
-        robot = getattr(module, "robot_spec", None) is not None
-        if robot:
-            hist, fut = module.codes({k: v[:n] for k, v in batch.items() if k in ("history", "future")})
-            captions = batch["instruction"][:n]
-        else:
-            codes = batch["codes"][:n] if "codes" in batch else module.image_tokenizer.encode(batch["frames"][:n])
-            hist, fut = codes[:, :-1, None], codes[:, -1:]  # one unnamed view
-            captions = batch["caption"][:n]
+        n, robot = self.num_samples, getattr(module, "robot_spec", None) is not None
+        hist, fut, raw_hist, raw_fut, captions = _rollout_inputs(module, batch, n, robot)
         text, mask = module.text_encoder(list(captions))
         state = batch["state"][:n].to(model.state_proj.weight.dtype) if robot else None
         pred = model.generate_future_frame(text, mask, hist if robot else hist[:, :, 0], state=state)
-        pred = pred if robot else pred[:, None]
+        pred = pred if robot else pred[:, None]  # (B, Nv, h, w)
+        raw = raw_hist is not None
+        metrics, pred_img = vq_world_metrics(module.image_tokenizer, pred[:, None], fut[:, None], hist[:, -1],
+                                             raw_fut[:, None] if raw else None, raw_hist[:, -1] if raw else None,
+                                             module.robot_spec.view_names if robot else None)
         dec = lambda c: module.image_tokenizer.decode(c.to(module.device)).cpu().numpy()  # noqa: E731
-        hist_img, true_img, pred_img = dec(hist), dec(fut), dec(pred)  # (B, Th, Nv, ...), (B, Nv, ...) x 2
+        seen = dec(hist)  # (B, Th, Nv, S, S, 3): what the model saw, shown beside its prediction
+        # The true row shows what the metrics compare with: raw frames when the batch has them, else decodes.
+        true_hist = raw_hist.cpu().numpy() if raw else seen
+        true_fut = raw_fut.cpu().numpy() if raw else dec(fut)  # (B, Nv, S, S, 3)
         out_dir = os.path.join(self.dirpath or os.path.join(trainer.default_root_dir, "rollouts"),
                                f"step{trainer.global_step:06d}")
-        samples = []
-        th = hist_img.shape[1]
-        for b in range(hist_img.shape[0]):
-            true = np.concatenate([hist_img[b], true_img[b][None]])  # history, then the real future frame
-            shown = np.concatenate([hist_img[b], pred_img[b][None]])  # history, then the predicted one
-            samples.append(save_rollout(out_dir, f"sample{b:02d}", true, shown, hist_img[b, -1], str(captions[b]),
-                                        list(range(th + 1)), fps=2.0))
+        samples, th = [], hist.shape[1]
+        for b in range(len(pred)):
+            true = np.concatenate([true_hist[b], true_fut[b][None]])  # history, then the real future frame
+            shown = np.concatenate([seen[b], pred_img[b]])  # history, then the predicted one
+            samples.append(save_rollout(out_dir, f"sample{b:02d}", true, shown, str(captions[b]),
+                                        list(range(th + 1)), 2.0, metrics[b]))
         return samples
+
+
+def _rollout_inputs(module, batch: dict[str, Any], n: int, robot: bool):
+    """The first n samples' history (B, Th, Nv, h, w) and future (B, Nv, h, w) codes, their raw frames (None for
+    codes-only batches) and captions."""
+    if robot:
+        raw_hist, raw_fut = batch["history"][:n], batch["future"][:n]
+        hist, fut = module.codes({"history": raw_hist, "future": raw_fut})
+        raw = raw_hist.dtype == torch.uint8
+        return hist, fut, raw_hist if raw else None, raw_fut if raw else None, batch["instruction"][:n]
+    if "codes" in batch:
+        codes, frames = batch["codes"][:n], None
+    else:
+        frames = batch["frames"][:n]  # (B, Tc, S, S, 3)
+        codes = module.image_tokenizer.encode(frames)
+    hist, fut = codes[:, :-1, None], codes[:, -1:]  # one unnamed view
+    if frames is None:
+        return hist, fut, None, None, batch["caption"][:n]
+    return hist, fut, frames[:, :-1, None], frames[:, -1:], batch["caption"][:n]

@@ -1,0 +1,133 @@
+"""`gr experiment` end to end at a tiny size: both arms train and run closed loop, results resume, and bad input
+gives one line.
+
+One real Meta-World task (coffee-button-v3, 2 + 2 demos at 32 px) made by the experiment itself, a 2-layer model,
+2 finetuning steps per arm, 1 eval episode of at most 12 steps per task.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import yaml
+
+from gr.cli import main as gr_main
+from gr.experiment import newcombe, wilson
+from gr.training.pretrain import PretrainModule
+from tests.conftest import TINY_ROBOT_MODEL, TINY_TOKENIZER, module_init_args, write_config
+from tests.test_pretokenized import tiny_vqgan  # noqa: F401 - a fixture, used by name
+
+TASK, ZERO_SHOT = "coffee-button-v3", "drawer-close-v3"
+
+
+def save_pretrained(path, image_tokenizer: dict) -> str:
+    torch.manual_seed(0)
+    module = PretrainModule(**module_init_args(image_tokenizer=image_tokenizer))
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_vqgan, tmp_path_factory):  # noqa: F811
+    """A pretraining checkpoint tokenizing with a saved taming VQGAN, and a tiny finetune config."""
+    root = tmp_path_factory.mktemp("experiment")
+    ckpt = save_pretrained(root / "pre.ckpt", {**TINY_TOKENIZER, "checkpoint": tiny_vqgan[0], "yaml": tiny_vqgan[1]})
+    cfg = yaml.safe_load(open(write_config(root / "base.yaml", {"train_shards": "x", "val_shards": "x"},
+                                           str(root / "unused"), max_steps=2, every_n_steps=2)))
+    cfg["model"] = {"class_path": "gr.training.finetune.FinetuneModule",
+                    "init_args": module_init_args(model=TINY_ROBOT_MODEL)}
+    cfg["data"] = {"class_path": "gr.data.robot_stream.RobotDataModule",
+                   "init_args": {"train_shards": "x", "batch_size": 4, "num_workers": 0, "shuffle_buffer": 8}}
+    config = root / "finetune.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return {"root": root, "pretrained": ckpt, "config": str(config)}
+
+
+def experiment_args(setup, out, *extra) -> list[str]:
+    return ["--pretrained", setup["pretrained"], "--pretrain-includes-target-tasks", "no", "--config",
+            setup["config"], "--steps", "2", "--tasks", TASK, "--eval-only-tasks", ZERO_SHOT, "--demos", "2",
+            "--seeds", "0", "--eval-episodes", "1", "--eval-max-steps", "12", "--workers", "1", "--out", str(out),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_setup):
+    out = tiny_setup["root"] / "out"
+    gr_main(["experiment", *experiment_args(tiny_setup, out)])  # through the `gr` dispatch
+    return out, json.load(open(out / "experiment.json"))
+
+
+def test_experiment_json_schema_and_plot(finished, tiny_setup):
+    out, res = finished
+    assert res["pretrain_includes_target_tasks"] is False and res["command"] == sys.argv
+    assert res["sessions"][0]["arguments"][:2] == ["--pretrained", tiny_setup["pretrained"]]
+    assert res["options"]["steps"] == 2 and res["options"]["tasks"] == [TASK] and res["wall_seconds"] > 0
+    assert set(res["arms"]) == {"pretrained_d2_s0", "scratch_d2_s0"}
+    pre, scratch = res["arms"]["pretrained_d2_s0"], res["arms"]["scratch_d2_s0"]
+    assert pre["init_from"] == os.path.abspath(tiny_setup["pretrained"]) and scratch["init_from"] is None
+    assert pre["transfer"]["loaded"] > 0 and scratch["transfer"]["loaded"] == 0
+    for arm in (pre, scratch):
+        assert arm["global_step"] == 2 and arm["train_seconds"] > 0 and arm["eval_seconds"] > 0
+        assert arm["final_train_loss"] > 0 and "val/loss" in arm["val"]
+        assert set(arm["success"]) == {TASK, ZERO_SHOT}  # the zero-shot task ran too
+        assert arm["success"][TASK] == sum(e["success"] for e in arm["episodes"][TASK])
+    # Same layouts for both arms.
+    assert [e["seed"] for e in pre["episodes"][TASK]] == [e["seed"] for e in scratch["episodes"][TASK]]
+    hp = torch.load(pre["checkpoint"], weights_only=True)["hyper_parameters"]
+    assert hp["image_tokenizer"]["checkpoint"] == res["pretrained"]["image_tokenizer"]["checkpoint"]
+    assert res["data"]["subsets"]["2"]["shards"].endswith("train-000000.tar")
+    stats = json.load(open(res["data"]["subsets"]["2"]["stats_file"]))
+    assert stats["num_episodes"] == 2
+    summary = res["summary"]
+    cell = summary["by_arm"]["pretrained"]["2"]["mean"]
+    k = sum(e["success"] for e in pre["episodes"][TASK])
+    assert (cell["successes"], cell["episodes"]) == (k, 1) and cell["ci95"] == pytest.approx(list(wilson(k, 1)))
+    assert set(summary["by_arm"]["scratch"]["2"]) >= {"mean", TASK, ZERO_SHOT, "eval_only_mean", "seeds"}
+    diff = summary["pretrained_minus_scratch"]["2"]["mean"]
+    assert diff["difference"] == cell["success"] - summary["by_arm"]["scratch"]["2"]["mean"]["success"]
+    assert sum(diff["paired"].values()) == 1
+    assert os.path.getsize(out / "experiment.png") > 1000 and res["plot"] == str(out / "experiment.png")
+
+
+def test_interval_formulas():
+    """Worked examples of Newcombe (1998): Wilson score intervals (Stat Med 17:857) and the hybrid score interval
+    of a difference, method 10 (Stat Med 17:873)."""
+    rounded = lambda ci: tuple(round(x, 4) for x in ci)  # noqa: E731
+    assert rounded(wilson(81, 263)) == (0.2553, 0.3662) and rounded(wilson(15, 148)) == (0.0624, 0.1605)
+    assert rounded(wilson(0, 20)) == (0.0, 0.1611)
+    assert rounded(newcombe(56, 70, 48, 80)) == (0.0524, 0.3339) and rounded(newcombe(9, 10, 3, 10)) == (0.1705, 0.809)
+
+
+def test_resume_skips_finished_arms(finished, tiny_setup, monkeypatch):
+    import gr.experiment as experiment
+
+    out, res = finished
+    ckpt = res["arms"]["scratch_d2_s0"]["checkpoint"]
+    mtime = os.path.getmtime(ckpt)
+    monkeypatch.setattr(experiment, "run_arm", lambda *a, **k: pytest.fail("a finished arm was run again"))
+    again = experiment.main(experiment_args(tiny_setup, out))
+    assert again["arms"] == res["arms"] and os.path.getmtime(ckpt) == mtime
+    assert len(again["sessions"]) == len(res["sessions"]) + 1
+
+
+def test_bad_input_is_one_line_naming_the_field(finished, tiny_setup, tmp_path, capsys):
+    from gr.experiment import main
+
+    other = save_pretrained(tmp_path / "other.ckpt", TINY_TOKENIZER)  # random VQGAN: another codebook
+    tokens = str(finished[0] / "data" / "tokens")
+    cases = [(["--tasks", "fly-v3"], "--tasks: unknown Meta-World task 'fly-v3'"),
+             (["--demos", "0"], "--demos: must be >= 1, got 0"),
+             (["--pretrained", str(tmp_path / "none.ckpt")], "--pretrained: file not found"),
+             (["--pretrained", other, "--robot-data", tokens], "--robot-data: "),
+             (["--eval-only-tasks", TASK], "--eval-only-tasks: ")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(experiment_args(tiny_setup, tmp_path / "bad", *extra))
+        assert exc.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(lines) == 1 and lines[0].startswith("gr experiment: error: " + message), lines
+        if "--robot-data" in extra:
+            assert "tokens.fingerprint" in lines[0] and "different VQGAN" in lines[0]
+    assert not (tmp_path / "bad" / "arms").exists()  # nothing trained
