@@ -29,7 +29,8 @@ def test_demo_stages_run_and_report(tmp_path):
     assert summary["checks"]["tokenizer_psnr_gain_ge_6db"] == (tok["psnr_gain_db"] >= 6.0)  # measured, not forced
     pre = summary["stages"]["pretokenize"]
     assert pre["frames"] == (64 + 16) * 6 and pre["skipped"] == 0
-    assert summary["stages"]["pretrain"]["global_step"] == 3 and summary["stages"]["pretrain"]["codebook_size"] == 256
+    assert summary["stages"]["pretrain"]["global_step"] == 3 and summary["stages"]["pretrain"]["codebook_size"] == 1024
+    assert len(summary["stages"]["pretrain"]["train_sources"]) == 2  # synthetic clips + robot-scene video
     hp = torch.load(summary["checkpoint"], weights_only=True)["hyper_parameters"]
     assert hp["image_tokenizer"]["checkpoint"] == tok["checkpoint"] and os.path.isfile(tok["checkpoint"])
     ft = summary["stages"]["finetune"]
