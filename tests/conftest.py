@@ -19,6 +19,26 @@ TINY_MODEL = dict(trunk=dict(num_layers=2, num_heads=2, width=32), max_text_toke
                   clip=dict(num_history=2, future_frame_offset=1, fps=8.0, image_size=32))
 
 
+def _initial_torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+_TORCH_THREADS = _initial_torch_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """In-process closed-loop evaluation (`gr.evaluate` with one worker) sets torch to 1 thread, as its worker
+    processes do, also from module-scoped fixtures; without restoring it, later tests ran on another thread count and
+    so with other float rounding (tests/test_finetune.py's overfit test missed its bound)."""
+    import torch
+
+    yield
+    torch.set_num_threads(_TORCH_THREADS)
+
+
 @pytest.fixture(autouse=True)
 def _finish_wandb_runs():
     """A WandbLogger run left open by one test would be reused by the next test's WandbLogger (Lightning attaches
