@@ -40,10 +40,10 @@ test: install
 demo: install
 	$(BIN)/python -m gr.demo --out outputs/demo
 
-# Pretrained vs scratch finetuning (gr/experiment.py), from `make demo`'s pretraining checkpoint, whose corpus is
-# synthetic video without the Meta-World tasks. Estimated at about 3 hours on 2 CPU cores.
+# Pretrained vs scratch finetuning (gr/experiment.py), from `make demo`'s pretraining checkpoint, whose corpus
+# (gr/demo.py VIDEO_TASKS) includes action-free video of the experiment's tasks. About 2 hours on 2 CPU cores.
 PRETRAINED ?= outputs/demo/pretrain/checkpoints/last.ckpt
-PRETRAIN_INCLUDES_TARGET_TASKS ?= no
+PRETRAIN_INCLUDES_TARGET_TASKS ?= yes
 experiment: install
 	$(BIN)/python -m gr.experiment --out outputs/experiment --pretrained $(PRETRAINED) \
 	  --pretrain-includes-target-tasks $(PRETRAIN_INCLUDES_TARGET_TASKS)

@@ -75,7 +75,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(FINETUNE_TASKS), help="finetuning tasks")
     p.add_argument("--eval-only-tasks", nargs="*", default=list(EVAL_ONLY_TASKS),
                    help="tasks evaluated zero-shot: no demo of them is trained on")
-    p.add_argument("--demos", nargs="+", type=int, default=[5, 10, 20], help="training demos per task")
+    p.add_argument("--demos", nargs="+", type=int, default=[5, 10],
+                   help="training demos per task (the target is read at <= 10)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--eval-episodes", type=int, default=10, help="seeded closed-loop episodes per task")
