@@ -37,12 +37,12 @@ from gr.data.video_io import (  # noqa: E402
 _TOKENIZER: dict[str, Any] = {}  # one frozen VQGAN per worker process
 
 
-def _tokenizer(checkpoint: str, yaml_path: Optional[str], allow_pickle: bool):
+def _tokenizer(checkpoint: str, yaml_path: Optional[str]):
     if checkpoint not in _TOKENIZER:
         from gr.encoders.vqgan import FrozenVQGAN
 
         _TOKENIZER.clear()
-        _TOKENIZER[checkpoint] = FrozenVQGAN.from_taming(checkpoint, yaml_path, allow_pickle)
+        _TOKENIZER[checkpoint] = FrozenVQGAN.from_taming(checkpoint, yaml_path)
     return _TOKENIZER[checkpoint]
 
 
@@ -78,7 +78,7 @@ def tokenize_shard(job: dict[str, Any]) -> dict[str, Any]:
     import webdataset as wds
 
     torch.set_num_threads(job["threads"])
-    vq = _tokenizer(job["checkpoint"], job["yaml"], job["allow_pickle"])
+    vq = _tokenizer(job["checkpoint"], job["yaml"])
     t0, stats, skipped = time.time(), Counter(), []
     tmp = job["out"] + ".tmp"
     with wds.TarWriter(tmp) as writer:
@@ -147,11 +147,10 @@ def output_paths(urls: list[str], out_dir: str) -> list[str]:
 
 
 def run(shards: list[str], out: str, checkpoint: str, yaml_path: Optional[str] = None, image_size: int = 256,
-        fps: Optional[float] = None, dtype: str = "auto", batch_size: int = 64, workers: int = 1,
-        allow_pickle: bool = False) -> dict[str, Any]:
+        fps: Optional[float] = None, dtype: str = "auto", batch_size: int = 64, workers: int = 1) -> dict[str, Any]:
     """Tokenize `shards` into `out`; returns the report (also written to `<out>/tokenize-report.json`)."""
     urls = [u for s in shards for u in expand_urls(s, "--shards")]
-    vq = _tokenizer(checkpoint, yaml_path, allow_pickle)  # fail here, once, on a bad checkpoint or size
+    vq = _tokenizer(checkpoint, yaml_path)  # fail here, once, on a bad checkpoint or size
     vq.grid_size(image_size)
     if dtype == "auto":
         dtype = "uint16" if vq.codebook_size <= 65536 else "int32"
@@ -160,7 +159,7 @@ def run(shards: list[str], out: str, checkpoint: str, yaml_path: Optional[str] =
     os.makedirs(out, exist_ok=True)
     outs = output_paths(urls, out)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    jobs = [dict(url=u, out=o, checkpoint=checkpoint, yaml=yaml_path, allow_pickle=allow_pickle,
+    jobs = [dict(url=u, out=o, checkpoint=checkpoint, yaml=yaml_path,
                  image_size=image_size, fps=fps, dtype=dtype, batch_size=batch_size, threads=threads)
             for u, o in zip(urls, outs) if not os.path.isfile(o)]
     report: dict[str, Any] = {"shards_total": len(urls), "shards_already_done": len(urls) - len(jobs),
@@ -203,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", required=True, help="output folder (existing shards there are skipped)")
     p.add_argument("--checkpoint", required=True, help="taming-format VQGAN .ckpt")
     p.add_argument("--yaml", default=None, help="taming yaml (default: the .ckpt path with .yaml)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt files (only ones you trust)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="deprecated, does nothing: pickled .ckpt files load with no code from them run (gr.safe_load)")
     p.add_argument("--image-size", type=int, required=True, help="frame side the model trains at (clip.image_size)")
     p.add_argument("--fps", type=float, default=None,
                    help="tokenize frames resampled to this rate (default: every native frame, exact for any clip fps)")
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     try:
         report = run(args.shards, args.out, args.checkpoint, args.yaml, args.image_size, args.fps, args.dtype,
-                     args.batch_size, args.workers, args.allow_pickle)
+                     args.batch_size, args.workers)
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
     for s in report["skipped"]:

@@ -35,16 +35,21 @@ def _make_cli_class():
         def _parse_ckpt_path(self) -> None:
             """On `--ckpt_path`, take the model's init args from the checkpoint (as LightningCLI does), passing
             them as `init_args` of the module's class path: the stock code assumes non-subclass mode here."""
-            import torch
+            from gr.config import ConfigError
+            from gr.safe_load import load_checkpoint, resolve_class_path
 
             sub = self.config.get("subcommand")
             ckpt_path = self.config[sub].get("ckpt_path") if sub else None
             if not ckpt_path or not os.path.isfile(ckpt_path):
                 return
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            hparams = load_checkpoint(ckpt_path).get("hyper_parameters", {})
             class_path = hparams.pop("_class_path", None)
             if class_path is None:
                 return super()._parse_ckpt_path()
+            try:  # before jsonargparse imports whatever the file names
+                resolve_class_path(class_path, ckpt_path)
+            except ValueError as exc:
+                raise ConfigError(f"ckpt_path: {exc}") from None
             update = {sub: {"model": {"class_path": class_path, "init_args": hparams}}}
             self.config = self.parser.parse_object(update, self.config)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
@@ -211,7 +212,7 @@ class ImageTokenizerConfig:
 
     checkpoint: Optional[str] = None  # taming .ckpt (a dict with "state_dict") or .safetensors
     yaml: Optional[str] = None  # taming model yaml (model.params.{ddconfig, n_embed, embed_dim})
-    allow_pickle: bool = False  # public taming .ckpt files hold pickled Lightning objects; opt in to load them
+    allow_pickle: bool = False  # deprecated no-op: pickled .ckpt files always load inertly (gr.safe_load)
     random_init_seed: int = 0
     codebook_size: int = 1024  # n_embed
     embed_dim: int = 64
@@ -223,6 +224,9 @@ class ImageTokenizerConfig:
     resolution: int = 64
 
     def __post_init__(self) -> None:
+        if self.allow_pickle:
+            warnings.warn("image_tokenizer.allow_pickle is deprecated and does nothing: pickled .ckpt files load "
+                          "through gr.safe_load, which runs no code from them", DeprecationWarning, stacklevel=2)
         check_local_file(self.checkpoint, "image_tokenizer.checkpoint")
         check_local_file(self.yaml, "image_tokenizer.yaml")
         _require(self.codebook_size >= 2, "image_tokenizer.codebook_size", "must be >= 2")

@@ -45,6 +45,7 @@ from glob import glob
 from typing import Any, Optional
 
 from gr.demo import EVAL_EXECUTE_STEPS, REPO, _run_config
+from gr.safe_load import load_checkpoint
 
 EVAL_SEED = 0  # every arm is evaluated on the layouts of episode_seed(EVAL_SEED, task, "test", i)
 VAL_DEMOS_PER_TASK = 2  # held-out demos per task when the experiment makes its own data
@@ -121,14 +122,12 @@ def check_args(args: argparse.Namespace) -> None:
 # ---- the pretrained checkpoint and the data --------------------------------------------------------------------------
 def pretrained_spec(path: str) -> dict[str, Any]:
     """The parts of a pretraining checkpoint both arms share: model sizes, text tower, image tokenizer, and the
-    `tokens` spec that pre-tokenized shards must match (read with weights_only, like gr.cli's `_parse_ckpt_path`)."""
-    import torch
-
+    `tokens` spec that pre-tokenized shards must match (read through gr.safe_load, like gr.cli's `_parse_ckpt_path`)."""
     from gr.config import ImageTokenizerConfig
     from gr.encoders import FrozenVQGAN
 
     try:
-        hp = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        hp = load_checkpoint(path).get("hyper_parameters", {})
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user mistake
         raise InputError(f"--pretrained: {path!r} is not a readable checkpoint ({exc})") from None
     if not all(k in hp for k in ("model", "text_encoder", "image_tokenizer")):

@@ -53,7 +53,7 @@ class GRPolicy:
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu", **kwargs) -> "GRPolicy":
-        """Rebuild the finetuned module from a Lightning checkpoint (weights_only) and wrap it."""
+        """Rebuild the finetuned module from a Lightning checkpoint (gr.safe_load: no code from the file runs) and wrap it."""
         from gr.training.checkpoint_io import module_from_checkpoint
 
         module = module_from_checkpoint(path, map_location)

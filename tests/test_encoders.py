@@ -71,15 +71,15 @@ def test_vqgan_missing_corrupt_mismatched(taming_ckpt, tmp_path):
         FrozenVQGAN(ImageTokenizerConfig(**{**TINY_TOKENIZER, "codebook_size": 32, "checkpoint": ckpt, "yaml": yml}))
 
 
-def test_vqgan_pickled_ckpt_needs_opt_in(taming_ckpt, tmp_path):
+def test_vqgan_pickled_ckpt_loads_without_opt_in(taming_ckpt, tmp_path):
+    """A public taming .ckpt pickles Lightning objects beside the weights: they load inertly (tests/test_safe_load.py)."""
     import argparse
 
     model, ckpt, yml = taming_ckpt
     legacy = str(tmp_path / "legacy.ckpt")
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=1.0)}, legacy)
-    with pytest.raises(ValueError, match="allow_pickle"):
-        load_taming_vqgan(legacy, yml)
-    assert isinstance(load_taming_vqgan(legacy, yml, allow_pickle=True), VQGAN)
+    loaded = load_taming_vqgan(legacy, yml)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_vqgan_image_size_must_fit_downsampling():

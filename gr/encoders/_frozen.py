@@ -11,6 +11,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from gr.safe_load import load_checkpoint
+
 
 class FrozenMixin(nn.Module):
     """A module that never trains: parameters have requires_grad=False and `.train()` keeps it in eval mode."""
@@ -32,13 +34,14 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def read_state_dict(path: str, field: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str, field: str) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors or a torch file; unwrap {"state_dict": ...} (Lightning/taming .ckpt).
+    Torch files load through gr.safe_load: a public taming .ckpt's pickled Lightning objects become inert placeholders
+    and no code from the file runs.
 
     Args:
         path: local file.
         field: config field that named the file, for error messages.
-        allow_pickle: permit torch.load(weights_only=False) for files that need it (public taming .ckpt files).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{field}: checkpoint file not found: {path!r}")
@@ -48,7 +51,7 @@ def read_state_dict(path: str, field: str, allow_pickle: bool = False) -> dict[s
 
             obj = load_file(path)
         else:
-            obj = _torch_load(path, field, allow_pickle)
+            obj = load_checkpoint(path)
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith(field):
             raise
@@ -58,18 +61,6 @@ def read_state_dict(path: str, field: str, allow_pickle: bool = False) -> dict[s
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{field}: {path!r} does not hold a state dict of tensors")
     return obj
-
-
-def _torch_load(path: str, field: str, allow_pickle: bool):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not allow_pickle:
-            raise ValueError(
-                f"{field}: {path!r} needs pickle to load (e.g. a public taming .ckpt with Lightning objects). "
-                "Set allow_pickle: true only for files you trust."
-            ) from exc
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], path: str, field: str) -> None:

@@ -140,13 +140,13 @@ def _params_from_yaml(path: str) -> tuple[dict[str, Any], int, int]:
         raise ValueError(f"image_tokenizer.yaml: {path!r} lacks model.params.{{ddconfig,n_embed,embed_dim}}: {exc!r}") from exc
 
 
-def load_taming_vqgan(ckpt_path: str, yaml_path: str, allow_pickle: bool = False,
-                      return_loss_state: bool = False):
+def load_taming_vqgan(ckpt_path: str, yaml_path: str, return_loss_state: bool = False):
     """Load a taming-format VQGAN (.ckpt + yaml). Discriminator/perceptual `loss.*` weights are ignored, or returned
-    (without the `loss.` prefix) as a second value with `return_loss_state=True`."""
+    (without the `loss.` prefix) as a second value with `return_loss_state=True`. Public .ckpt files with pickled
+    Lightning objects load too, with no code from them run (gr.safe_load)."""
     ddconfig, n_embed, embed_dim = _params_from_yaml(yaml_path)
     model = VQGAN(ddconfig, n_embed, embed_dim)
-    found = read_state_dict(ckpt_path, "image_tokenizer.checkpoint", allow_pickle)
+    found = read_state_dict(ckpt_path, "image_tokenizer.checkpoint")
     loss_state = {k[len("loss."):]: v for k, v in found.items() if k.startswith("loss.")}
     found = {k: v for k, v in found.items() if not k.startswith("loss.")}
     check_state_dict(model.state_dict(), found, ckpt_path, "image_tokenizer.checkpoint")
@@ -166,7 +166,7 @@ class FrozenVQGAN(FrozenMixin):
         self.cfg = cfg
         if cfg.checkpoint:
             yaml_path = cfg.yaml or os.path.splitext(cfg.checkpoint)[0] + ".yaml"
-            self.vq = load_taming_vqgan(cfg.checkpoint, yaml_path, cfg.allow_pickle)
+            self.vq = load_taming_vqgan(cfg.checkpoint, yaml_path)
             if self.vq.n_embed != cfg.codebook_size:
                 raise ConfigError(
                     f"image_tokenizer.codebook_size: config says {cfg.codebook_size} but {cfg.checkpoint!r} has "
@@ -181,14 +181,13 @@ class FrozenVQGAN(FrozenMixin):
         self.freeze()
 
     @classmethod
-    def from_taming(cls, checkpoint: str, yaml_path: Optional[str] = None, allow_pickle: bool = False) -> "FrozenVQGAN":
+    def from_taming(cls, checkpoint: str, yaml_path: Optional[str] = None) -> "FrozenVQGAN":
         """Load a taming `.ckpt` + yaml whatever its codebook size (data_prep tools; models use the config)."""
         if not os.path.isfile(checkpoint):
             raise ConfigError(f"image_tokenizer.checkpoint: file not found: {checkpoint!r}")
         yaml_path = yaml_path or os.path.splitext(checkpoint)[0] + ".yaml"
         _, n_embed, _ = _params_from_yaml(yaml_path)
-        return cls(ImageTokenizerConfig(checkpoint=checkpoint, yaml=yaml_path, allow_pickle=allow_pickle,
-                                        codebook_size=n_embed))
+        return cls(ImageTokenizerConfig(checkpoint=checkpoint, yaml=yaml_path, codebook_size=n_embed))
 
     def grid_size(self, image_size: int) -> int:
         if image_size % self.downsample_factor:

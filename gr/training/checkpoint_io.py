@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from gr.safe_load import load_checkpoint, resolve_class_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,22 +29,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.remove(tmp)
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
-        # Our checkpoints hold only tensors and plain containers: never unpickle arbitrary objects.
-        return torch.load(os.fspath(path), map_location=map_location or "cpu", weights_only=True)
+        # Our checkpoints hold only tensors and plain containers; anything else is rebuilt inertly (gr.safe_load).
+        return load_checkpoint(os.fspath(path), map_location=map_location or "cpu")
 
 
 def module_from_checkpoint(path: str, map_location: str = "cpu"):
-    """Rebuild a gr LightningModule from its checkpoint (hyper-parameters + weights, weights_only)."""
+    """Rebuild a gr LightningModule from its checkpoint (hyper-parameters + weights), running no code from the file:
+    the weights load through gr.safe_load and the class it names must be one of gr's modules."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint file not found: {path!r}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = load_checkpoint(path, map_location=map_location)
     hparams = dict(ckpt.get("hyper_parameters", {}))
     class_path = hparams.pop("_class_path", None)
     if class_path is None:
         raise ValueError(f"{path!r}: not a gr checkpoint (hyper_parameters lack _class_path)")
     if "init_from" in hparams:
         hparams["init_from"] = None  # the weights come from this checkpoint
-    mod_name, cls_name = class_path.rsplit(".", 1)
-    module = getattr(importlib.import_module(mod_name), cls_name)(**hparams)
+    module = resolve_class_path(class_path, path)(**hparams)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()

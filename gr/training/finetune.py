@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
+from gr.safe_load import load_checkpoint
 from gr.training.pretrain import PretrainModule, frame_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class FinetuneModule(PretrainModule):
     def load_pretrained(self, path: str, strict: bool = True) -> dict[str, Any]:
         """Load every fitting `model.*` weight of a pretraining checkpoint; report loaded / new / dropped."""
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_checkpoint(path)
         except FileNotFoundError:
             raise ConfigError(f"init_from: file not found: {path!r}") from None
         found = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}

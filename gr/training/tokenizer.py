@@ -97,7 +97,7 @@ class TokenizerModule(L.LightningModule):
     def _build_vqgan(self, cfg: ImageTokenizerConfig) -> tuple[VQGAN, dict[str, torch.Tensor]]:
         if cfg.checkpoint:  # finetuning: the "web + in-domain" recipe
             yaml_path = cfg.yaml or os.path.splitext(cfg.checkpoint)[0] + ".yaml"
-            vq, loss_state = load_taming_vqgan(cfg.checkpoint, yaml_path, cfg.allow_pickle, return_loss_state=True)
+            vq, loss_state = load_taming_vqgan(cfg.checkpoint, yaml_path, return_loss_state=True)
             if vq.n_embed != cfg.codebook_size:
                 raise ConfigError(f"tokenizer.codebook_size: config says {cfg.codebook_size} but {cfg.checkpoint!r} "
                                   f"has {vq.n_embed} codes (quantize.embedding.weight)")
