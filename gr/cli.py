@@ -37,6 +37,7 @@ def _make_cli_class():
             them as `init_args` of the module's class path: the stock code assumes non-subclass mode here."""
             from gr.config import ConfigError
             from gr.safe_load import load_checkpoint, resolve_class_path
+            from gr.training.checkpoint_io import weights_already_in_checkpoint
 
             sub = self.config.get("subcommand")
             ckpt_path = self.config[sub].get("ckpt_path") if sub else None
@@ -50,6 +51,7 @@ def _make_cli_class():
                 resolve_class_path(class_path, ckpt_path)
             except ValueError as exc:
                 raise ConfigError(f"ckpt_path: {exc}") from None
+            weights_already_in_checkpoint(hparams)  # a resumed finetune never re-reads init_from
             update = {sub: {"model": {"class_path": class_path, "init_args": hparams}}}
             self.config = self.parser.parse_object(update, self.config)
 

@@ -189,10 +189,16 @@ class TextEncoderConfig:
     model_name: str = "ViT-S-32-alt"  # any open_clip model name
     pretrained: Optional[str] = None  # local .bin/.pt/.safetensors; None = random weights (warned)
     random_init_seed: int = 0  # makes random weights reproducible, so a checkpoint can refer to them
-    cache_size: int = 100_000  # per-caption feature cache entries
+    cache_size: int = 100_000  # per-caption feature cache: at most this many entries ...
+    cache_mib: float = 256.0  # ... and at most this many MiB (LRU; 0 disables the cache)
+    cache_device: str = "cpu"  # where cached features live: "cpu" (host memory) or "model" (the text tower's device)
 
     def __post_init__(self) -> None:
         check_local_file(self.pretrained, "text_encoder.pretrained")
+        _require(self.cache_size >= 0, "text_encoder.cache_size", f"must be >= 0, got {self.cache_size}")
+        _require(self.cache_mib >= 0, "text_encoder.cache_mib", f"must be >= 0, got {self.cache_mib}")
+        _require(self.cache_device in ("cpu", "model"), "text_encoder.cache_device",
+                 f"must be 'cpu' or 'model', got {self.cache_device!r}")
         import open_clip  # deferred: heavy import
 
         _require(

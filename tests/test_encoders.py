@@ -127,6 +127,24 @@ def test_text_encoder_tokens_mask_cache_frozen(caplog):
         enc([3])
 
 
+def test_text_encoder_cache_is_bounded_in_bytes_and_lives_on_the_host():
+    enc = FrozenTextEncoder(TextEncoderConfig(model_name="ViT-S-32-alt"), max_tokens=8)
+    entry = 8 * (enc.feature_dim + 1) * 4  # float32 features + the mask channel
+    enc.cfg.cache_mib = 2.5 * entry / 2**20  # room for two entries
+    captions = [f"push the block {i} times" for i in range(5)]
+    reference, _ = FrozenTextEncoder(TextEncoderConfig(model_name="ViT-S-32-alt"), max_tokens=8)(captions)
+    feats, _ = enc(captions)
+    assert torch.equal(feats, reference)
+    assert list(enc._cache) == captions[-2:] and enc.cache_bytes == 2 * entry <= enc.cfg.cache_mib * 2**20
+    assert all(t.device.type == "cpu" for t in enc._cache.values())
+    again, _ = enc([captions[-1], captions[0]])  # one hit, one miss that evicts the least recent entry
+    assert enc.cache_hits == 1 and list(enc._cache) == [captions[-1], captions[0]]
+    assert torch.equal(again[0], reference[4])  # the hit is the cached tensor itself
+    assert torch.allclose(again[1], reference[0], atol=1e-4)  # the miss is re-encoded (in another batch size)
+    with pytest.raises(ValueError, match="text_encoder.cache_device"):
+        TextEncoderConfig(model_name="ViT-S-32-alt", cache_device="gpu")
+
+
 def test_text_encoder_unknown_model_and_missing_file():
     with pytest.raises(ValueError, match="text_encoder.model_name"):
         TextEncoderConfig(model_name="ViT-Nope")

@@ -94,6 +94,21 @@ def test_finetune_entry_point_trains_from_a_pretraining_checkpoint(robot_shards,
     from PIL import Image
 
     assert Image.open(root / "rollouts" / "step000003" / "sample01.gif").n_frames == 3  # 2 history steps + future
+    # Resuming never re-reads init_from: the pretraining file may have moved; the weights are in the checkpoint.
+    last = next(root.rglob("*.ckpt"))
+    pre_path.rename(tmp_path / "moved.ckpt")
+    cfg["trainer"]["max_steps"] = 5
+    cfg["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                    "init_args": {"dirpath": str(tmp_path / "resumed"), "every_n_train_steps": 1}}]
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "finetune.py"), "fit", "--config", str(path),
+                           "--ckpt_path", str(last)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = torch.load(tmp_path / "resumed" / "epoch=0-step=5.ckpt", weights_only=True)
+    assert resumed["global_step"] == 5
+    assert resumed["hyper_parameters"]["init_from"] is None
+    assert resumed["hyper_parameters"]["pretrained_from"] == str(pre_path)  # provenance kept
 
 
 def test_policy_step_executes_chunks_or_ensembles(robot_ckpt, monkeypatch):

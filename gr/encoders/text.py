@@ -18,7 +18,9 @@ class FrozenTextEncoder(FrozenMixin):
     """open_clip text tower, frozen. `forward(captions) -> (features (B, L, D), mask (B, L) bool)`.
 
     Features are the final-layer (ln_final) token features of the custom text tower, before pooling and projection.
-    Features are cached per unique caption (LRU, `cache_size` entries), so repeated captions cost nothing.
+    Features are cached per unique caption, so repeated captions cost nothing. The cache is an LRU bounded in bytes
+    (`cache_mib`) and entries (`cache_size`) and lives in host memory unless `cache_device: model`: at width 512 and 32
+    tokens an entry is 66 KB, so the old bound of 100k entries on the GPU held 6.6 GB per rank.
 
     Args:
         cfg: TextEncoderConfig.
@@ -42,6 +44,7 @@ class FrozenTextEncoder(FrozenMixin):
         self.tokenizer = open_clip.get_tokenizer(cfg.model_name)
         self.feature_dim = self.text.width
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_bytes = 0
         self.cache_hits = 0
         self.cache_misses = 0
         self.freeze()
@@ -77,16 +80,27 @@ class FrozenTextEncoder(FrozenMixin):
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
         self.cache_misses += len(missing)
         self.cache_hits += len(captions) - len(missing)
-        if missing:
-            for c, feat in zip(missing, self._encode_uncached(missing)):
-                self._cache[c] = feat
-        packed = torch.stack([self._cache[c] for c in captions])
-        for c in captions:
-            self._cache.move_to_end(c)
-        while len(self._cache) > self.cfg.cache_size:
-            self._cache.popitem(last=False)
+        device = next(self.text.parameters()).device
+        fresh = dict(zip(missing, self._encode_uncached(missing))) if missing else {}
+        packed = torch.stack([fresh[c] if c in fresh else self._cache[c].to(device) for c in captions])
+        self._remember(captions, fresh, device)
         return packed[..., :-1], packed[..., -1] > 0.5
 
+    def _remember(self, captions: Sequence[str], fresh: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Store the new features (on the cache device), mark this batch's captions as recent, evict the oldest."""
+        limit = self.cfg.cache_mib * 2**20
+        store = device if self.cfg.cache_device == "model" else torch.device("cpu")
+        for c, feat in fresh.items():
+            self._cache[c] = feat.to(store)
+            self.cache_bytes += feat.numel() * feat.element_size()
+        for c in captions:
+            if c in self._cache:
+                self._cache.move_to_end(c)
+        while self._cache and (len(self._cache) > self.cfg.cache_size or self.cache_bytes > limit):
+            _, old = self._cache.popitem(last=False)
+            self.cache_bytes -= old.numel() * old.element_size()
+
     def _apply(self, fn, *args, **kwargs):
-        self._cache.clear()  # cached tensors live on the old device/dtype
+        self._cache.clear()  # cached tensors come from the old device/dtype
+        self.cache_bytes = 0
         return super()._apply(fn, *args, **kwargs)

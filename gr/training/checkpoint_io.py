@@ -69,6 +69,15 @@ def _remove_stale_temps(path: str) -> None:
             pass
 
 
+def weights_already_in_checkpoint(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters to rebuild a finetuning module from its own checkpoint: `init_from` is not read again (the
+    file may have moved since); it is kept as `pretrained_from`, for provenance."""
+    if hparams.get("init_from"):
+        hparams["pretrained_from"] = hparams.get("pretrained_from") or hparams["init_from"]
+        hparams["init_from"] = None
+    return hparams
+
+
 def module_from_checkpoint(path: str, map_location: str = "cpu"):
     """Rebuild a gr LightningModule from its checkpoint (hyper-parameters + weights), running no code from the file:
     the weights load through gr.safe_load and the class it names must be one of gr's modules."""
@@ -79,8 +88,7 @@ def module_from_checkpoint(path: str, map_location: str = "cpu"):
     class_path = hparams.pop("_class_path", None)
     if class_path is None:
         raise ValueError(f"{path!r}: not a gr checkpoint (hyper_parameters lack _class_path)")
-    if "init_from" in hparams:
-        hparams["init_from"] = None  # the weights come from this checkpoint
+    weights_already_in_checkpoint(hparams)
     module = resolve_class_path(class_path, path)(**hparams)
     module.load_state_dict(ckpt["state_dict"])
     return module.eval()

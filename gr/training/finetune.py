@@ -37,13 +37,15 @@ class FinetuneModule(PretrainModule):
         init_from: a pretraining checkpoint (Lightning .ckpt of PretrainModule): every weight that still fits is
             loaded; which were loaded, new and dropped is logged and kept in `init_report`.
         init_strict: fail when a weight the pretraining model has (trunk, embeddings, heads) is missing or misfits.
+        pretrained_from: provenance only, never read: the pretraining checkpoint the weights first came from. A resumed
+            run (`--ckpt_path`) gets `init_from: null` and this, since its weights are already in the checkpoint.
         freeze: parameter-name prefixes of `model` to keep frozen (e.g. ["trunk.", "code_emb."]).
         compile: torch.compile each transformer block (see PretrainModule).
     """
 
     def __init__(self, model, text_encoder, image_tokenizer, optim=None, loss: Optional[FinetuneLossConfig] = None,
                  init_from: Optional[str] = None, init_strict: bool = True, freeze: Optional[list[str]] = None,
-                 compile: bool = False):
+                 compile: bool = False, pretrained_from: Optional[str] = None):
         super().__init__(model, text_encoder, image_tokenizer, optim, compile=compile)
         if self.model_cfg.robot is None:
             raise ConfigError("model.robot: finetuning needs the robot parts (view_names, state_dim, action_dim, ...)")
@@ -51,7 +53,8 @@ class FinetuneModule(PretrainModule):
         self.loss_cfg = loss
         hp = dict(self.hparams)
         hp.update(_class_path=f"{type(self).__module__}.{type(self).__qualname__}", loss=dataclasses.asdict(loss),
-                  init_from=init_from, init_strict=init_strict, freeze=list(freeze or []))
+                  init_from=init_from, init_strict=init_strict, freeze=list(freeze or []),
+                  pretrained_from=pretrained_from or init_from)
         self.save_hyperparameters(hp)
         robot = self.model_cfg.robot
         # Rows: mean, std, min, max. NaN until set from the data (or restored from a checkpoint).
