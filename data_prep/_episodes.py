@@ -107,9 +107,12 @@ def as_2d(x: np.ndarray, where: str, key: str) -> np.ndarray:
         key: the array's name in the source.
     """
     x = np.asarray(x)
-    if x.ndim == 0 or not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"{where}: {key!r} must be a numeric [T, dim] array, got {x.dtype} {x.shape}")
-    return x.reshape(len(x), -1)
+    if x.ndim == 0 or not np.issubdtype(x.dtype, np.number) or x.size == 0:
+        raise ValueError(f"{where}: {key!r} must be a non-empty numeric [T, dim] array, got {x.dtype} {x.shape}")
+    x = x.reshape(len(x), -1)
+    if not np.isfinite(x).all():  # a NaN state or action would train silently wrong
+        raise ValueError(f"{where}: {key!r} has {int((~np.isfinite(x)).sum())} non-finite values")
+    return x
 
 
 def resize_views(frames: dict[str, np.ndarray], size: Optional[int], where: str) -> dict[str, np.ndarray]:

@@ -104,9 +104,23 @@ def _json_attr(group, name: str, where: str) -> dict[str, Any]:
     if name not in group.attrs:
         return {}
     try:
-        return json.loads(_text(group.attrs[name]))
-    except json.JSONDecodeError as exc:
+        value = json.loads(_text(group.attrs[name]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{where}: attribute {name!r} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: attribute {name!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _control_freq(env_args: dict[str, Any], where: str) -> Optional[float]:
+    """env_args.env_kwargs.control_freq (robomimic's control rate in Hz), checked; None when absent."""
+    kwargs = env_args.get("env_kwargs") or {}
+    freq = kwargs.get("control_freq") if isinstance(kwargs, dict) else None
+    if not isinstance(kwargs, dict) or (freq is not None and (isinstance(freq, bool) or not isinstance(
+            freq, (int, float)) or not np.isfinite(freq) or freq <= 0)):
+        raise ValueError(f"{where}: attribute env_args.env_kwargs.control_freq must be a number > 0, got "
+                         f"{kwargs if not isinstance(kwargs, dict) else freq!r}")
+    return None if freq is None else float(freq)
 
 
 def read_array(group, key: str, where: str) -> np.ndarray:
@@ -217,9 +231,10 @@ def robomimic_episode(f, path: str, demo: str, args: argparse.Namespace) -> tupl
     check_lengths(where, {**lengths, action_key: len(action),
                           **{f"obs/{k}": len(frames[v]) for k, v in views.items()}})
     env_name = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", str(env_args.get("env_name", ""))).replace("_", " ").lower()
-    instruction = pick_instruction(where, problem.get("language_instruction"), args.instruction or env_name,
+    text = problem.get("language_instruction")
+    instruction = pick_instruction(where, text if isinstance(text, str) else None, args.instruction or env_name,
                                    "data attribute problem_info.language_instruction")
-    fps = args.fps or float(env_args.get("env_kwargs", {}).get("control_freq") or fps)
+    fps = args.fps or _control_freq(env_args, f"{path}: data") or fps
     return Episode(frames, state, action, instruction, fps, {"source_file": os.path.basename(path),
                                                               "demo": demo}), where
 

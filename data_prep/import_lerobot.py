@@ -44,15 +44,76 @@ def load_info(root: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not found; --root must be a LeRobot dataset folder")
     with open(path) as f:
-        info = json.load(f)
-    version = str(info.get("codebase_version", ""))
-    if not version.startswith(("v2", "v3")):
+        try:
+            info = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    version = info.get("codebase_version", "")
+    if not isinstance(version, str) or not version.startswith(("v2", "v3")):
         raise ValueError(f"{path}: codebase_version {version!r} is not supported (v2.0, v2.1 or v3.0)")
     for field in ("fps", "features", "data_path"):
         if field not in info:
             raise ValueError(f"{path}: missing field {field!r}")
     info["_path"], info["_v3"] = path, version.startswith("v3")
+    _check_info(info, path)
     return info
+
+
+def _positive(value: Any, integer: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        return False
+    return not integer or float(value).is_integer()
+
+
+def _check_info(info: dict[str, Any], path: str) -> None:
+    """The types of the info.json fields the reader uses, so a mistyped one is named here and not met mid-import."""
+    if not _positive(info["fps"]):
+        raise ValueError(f"{path}: field 'fps' must be a number > 0, got {info['fps']!r}")
+    if "chunks_size" in info and not _positive(info["chunks_size"], integer=True):
+        raise ValueError(f"{path}: field 'chunks_size' must be an integer > 0, got {info['chunks_size']!r}")
+    features = info["features"]
+    if not isinstance(features, dict) or not all(isinstance(v, dict) for v in features.values()):
+        raise ValueError(f"{path}: field 'features' must map feature names to objects")
+    for key, ft in features.items():
+        extra = ft.get("info")
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"{path}: features.{key}.info must be an object, got {type(extra).__name__}")
+        fps = (extra or {}).get("video.fps")
+        if fps is not None and not _positive(fps):
+            raise ValueError(f"{path}: features.{key}.info.video.fps must be a number > 0, got {fps!r}")
+    keys = ({"chunk_index": 0, "file_index": 0, "video_key": "k"} if info["_v3"]
+            else {"episode_chunk": 0, "episode_index": 0, "video_key": "k"})
+    for field in ("data_path", "video_path"):
+        template = info.get(field)
+        if template is None and field == "video_path":
+            continue
+        try:
+            if not isinstance(template, str) or not template:
+                raise TypeError(f"expected a non-empty string, got {template!r}")
+            template.format(**keys)
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: field {field!r} is not a path template with {sorted(keys)}: {exc}") from None
+
+
+def _check_episode_row(row: Any, where: str) -> dict[str, Any]:
+    """One episode's metadata, checked where the importer reads its fields; raises ValueError naming the file."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: an episode row is {type(row).__name__}, expected an object")
+    ep = row.get("episode_index")
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 0:
+        raise ValueError(f"{where}: 'episode_index' must be an integer >= 0, got {ep!r}")
+    if row.get("length") is not None and not _positive(row["length"], integer=True):
+        raise ValueError(f"{where}: episode {ep}: 'length' must be an integer > 0, got {row['length']!r}")
+    tasks = row.get("tasks")
+    if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+        raise ValueError(f"{where}: episode {ep}: 'tasks' must be a list of strings, got {tasks!r}")
+    for key, val in row.items():  # v3 location fields: chunk/file indices and timestamps
+        if key.startswith(("data/", "videos/", "dataset_")) and val is not None and (
+                isinstance(val, bool) or not isinstance(val, (int, float)) or not np.isfinite(val) or val < 0):
+            raise ValueError(f"{where}: episode {ep}: {key!r} must be a number >= 0, got {val!r}")
+    return row
 
 
 def camera_views(info: dict[str, Any], cameras: Optional[list[str]]) -> dict[str, str]:
@@ -83,7 +144,7 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         try:
             return [json.loads(line) for line in f if line.strip()]
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not valid JSON lines: {exc}") from exc
 
 
@@ -94,23 +155,24 @@ def list_episodes(root: str, info: dict[str, Any]) -> list[dict[str, Any]]:
         root: the dataset folder.
         info: `load_info`'s result.
     """
-    import pyarrow.parquet as pq
-
     if info["_v3"]:
         where = os.path.join(root, "meta", "episodes")
         files = sorted(glob.glob(os.path.join(where, "chunk-*", "*.parquet")))
         rows = []
         for path in files:
-            names = [n for n in pq.read_schema(path).names if not n.startswith("stats/")]
-            rows += [{**row, "_file": path} for row in pq.read_table(path, columns=names).to_pylist()]
+            names = [n for n in read_parquet(path, schema_only=True).names if not n.startswith("stats/")]
+            rows += [{**row, "_file": path} for row in read_parquet(path, columns=names).to_pylist()]
     else:
         where = os.path.join(root, "meta", "episodes.jsonl")
         if not os.path.isfile(where):
             raise ValueError(f"{where}: not found (needed for codebase_version {info['codebase_version']})")
-        rows = [{**row, "_file": where} for row in _read_jsonl(where)]
+        rows = [{**_check_episode_row(row, where), "_file": where} for row in _read_jsonl(where)]
     for row in rows:
         if "episode_index" not in row:
             raise ValueError(f"{row['_file']}: an episode has no 'episode_index'")
+        _check_episode_row(row, row["_file"])
+    if len({r["episode_index"] for r in rows}) != len(rows):
+        raise ValueError(f"{where}: an 'episode_index' appears twice")
     if not rows:
         raise ValueError(f"{where}: no episodes (empty dataset)")
     return sorted(rows, key=lambda r: r["episode_index"])
@@ -125,7 +187,15 @@ def load_tasks(root: str, info: dict[str, Any]) -> dict[int, str]:
     """
     if not info["_v3"]:
         path = os.path.join(root, "meta", "tasks.jsonl")
-        return {int(r["task_index"]): r["task"] for r in _read_jsonl(path)} if os.path.isfile(path) else {}
+        if not os.path.isfile(path):
+            return {}
+        tasks = {}
+        for n, r in enumerate(_read_jsonl(path), 1):
+            if not (isinstance(r, dict) and isinstance(r.get("task"), str) and isinstance(r.get("task_index"), int)
+                    and not isinstance(r.get("task_index"), bool)):
+                raise ValueError(f"{path}: row {n} needs an integer 'task_index' and a string 'task', got {r!r}")
+            tasks[r["task_index"]] = r["task"]
+        return tasks
     import pandas as pd
 
     path = os.path.join(root, "meta", "tasks.parquet")
@@ -134,6 +204,17 @@ def load_tasks(root: str, info: dict[str, Any]) -> dict[int, str]:
     df = pd.read_parquet(path)
     texts = df["task"] if "task" in df.columns else df.index  # lerobot keeps the task text as the index
     return {int(i): str(t) for i, t in zip(df["task_index"], texts)}
+
+
+def read_parquet(path: str, columns: Optional[list[str]] = None, schema_only: bool = False):
+    """A pyarrow Table (or its schema); a corrupt or unreadable file is a ValueError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path) if schema_only else pq.read_table(path, columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise ValueError(f"{path}: not a readable parquet file: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
 def column_array(table, key: str, where: str) -> np.ndarray:
@@ -219,12 +300,10 @@ class LeRobotReader:
             row: the episode's metadata.
             path: its data parquet.
         """
-        import pyarrow.parquet as pq
-
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: data file of episode {row['episode_index']} not found")
+            raise ValueError(f"{path}: data file of episode {row['episode_index']} (listed in {row['_file']}) not found")
         if self._table[0] != path:
-            self._table = (path, pq.read_table(path))
+            self._table = (path, read_parquet(path))
         table = self._table[1]
         if self.info["_v3"]:
             lo, hi = int(self._field(row, "dataset_from_index")), int(self._field(row, "dataset_to_index"))

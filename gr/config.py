@@ -7,7 +7,10 @@ pipeline derives its clips from it, so the two cannot disagree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
@@ -38,8 +41,59 @@ def as_config(cls: type[T], value: Any, where: str) -> T:
         unknown = sorted(set(value) - names)
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+        try:
+            hints = typing.get_type_hints(cls)
+        except (NameError, TypeError):  # an annotation not resolvable at run time: the dataclass checks itself
+            hints = {}
+        for name, val in value.items():
+            if not _fits(val, hints.get(name, Any)):
+                raise ConfigError(f"{where}.{name}: expected {_type_name(hints[name])}, got {type(val).__name__} "
+                                  f"{_short(val)}")
         return cls(**value)
     raise ConfigError(f"{where}: expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML/checkpoint value fits a dataclass field's annotation (the kinds our configs use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0] if args else Any) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    return True  # anything else is checked by the dataclass itself
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Union or typing.get_origin(hint) is types.UnionType:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(hint)[0])}" if typing.get_args(hint) else "a list"
+    if hint is float:
+        return "a finite number"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _require(cond: bool, where: str, msg: str) -> None:
@@ -65,10 +119,10 @@ class ClipSpec:
     image_size: int = 64  # square frames, pixels (short side resized, then centre-cropped)
 
     def __post_init__(self) -> None:
-        _require(self.num_history >= 1, "clip.num_history", f"must be >= 1, got {self.num_history}")
-        _require(self.future_frame_offset >= 1, "clip.future_frame_offset", "must be >= 1")
-        _require(self.fps > 0, "clip.fps", f"must be > 0, got {self.fps}")
-        _require(self.image_size >= 8, "clip.image_size", f"must be >= 8, got {self.image_size}")
+        _require(self.num_history >= 1, "model.clip.num_history", f"must be >= 1, got {self.num_history}")
+        _require(self.future_frame_offset >= 1, "model.clip.future_frame_offset", "must be >= 1")
+        _require(self.fps > 0, "model.clip.fps", f"must be > 0, got {self.fps}")
+        _require(self.image_size >= 8, "model.clip.image_size", f"must be >= 8, got {self.image_size}")
 
     @property
     def frame_offsets(self) -> list[int]:
@@ -99,16 +153,16 @@ class TrunkConfig:
         if self.preset is not None and None not in (self.num_layers, self.num_heads, self.width):
             self.preset = None  # fully specified by hand: record it as custom, not as the preset
         if self.preset is not None:
-            _require(self.preset in PRESETS, "trunk.preset", f"unknown preset {self.preset!r}; use {list(PRESETS)}")
+            _require(self.preset in PRESETS, "model.trunk.preset", f"unknown preset {self.preset!r}; use {list(PRESETS)}")
             for key, val in PRESETS[self.preset].items():
                 if getattr(self, key) is None:
                     setattr(self, key, val)
         for key in ("num_layers", "num_heads", "width"):
             val = getattr(self, key)
-            _require(isinstance(val, int) and val > 0, f"trunk.{key}", f"must be a positive int (or set preset), got {val!r}")
-        _require(self.width % self.num_heads == 0, "trunk.width", f"{self.width} not divisible by num_heads {self.num_heads}")
-        _require(self.attention in ("sdpa", "xformers"), "trunk.attention", f"must be 'sdpa' or 'xformers', got {self.attention!r}")
-        _require(0.0 <= self.dropout < 1.0, "trunk.dropout", "must be in [0, 1)")
+            _require(isinstance(val, int) and val > 0, f"model.trunk.{key}", f"must be a positive int (or set preset), got {val!r}")
+        _require(self.width % self.num_heads == 0, "model.trunk.width", f"{self.width} not divisible by num_heads {self.num_heads}")
+        _require(self.attention in ("sdpa", "xformers"), "model.trunk.attention", f"must be 'sdpa' or 'xformers', got {self.attention!r}")
+        _require(0.0 <= self.dropout < 1.0, "model.trunk.dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -123,6 +177,9 @@ class ActionHeadConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        _require(self.width >= 1 and self.num_heads >= 1, "model.robot.head.width",
+                 f"width and num_heads must be >= 1, got {self.width} and {self.num_heads}")
+        _require(0.0 <= self.dropout < 1.0, "model.robot.head.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(self.width % self.num_heads == 0, "model.robot.head.width",
                  f"{self.width} must be divisible by num_heads {self.num_heads}")
         for name in ("num_encoder_layers", "num_decoder_layers", "latent_dim"):

@@ -1,0 +1,55 @@
+"""Long fuzz run: the properties of tests/test_fuzz.py with fresh random cases at volume.
+
+    python tools/fuzz_inputs.py --examples 500            # per target; prints JSON
+
+Targets: mutated mp4 bytes (decoded in a forked child, so a native decoder crash is counted, not fatal), clip
+metadata JSON, pre-tokenized code arrays, YAML config values, robomimic HDF5 files and LeRobot metadata. Each case
+must give a valid result or a clear one-line error / counted skip. Reports cases tried per target and the targets
+that found a failing case (hypothesis stops a target at its first failure and shrinks it; the example is in the
+pytest output, `--show` prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int, default=500, help="cases per target")
+    p.add_argument("-k", default=None, help="pytest -k expression to pick targets")
+    p.add_argument("--show", action="store_true", help="print pytest's output (failing examples)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        report, junit = os.path.join(tmp, "cases.json"), os.path.join(tmp, "junit.xml")
+        env = {**os.environ, "GR_FUZZ_RANDOM": "1", "GR_FUZZ_EXAMPLES": str(args.examples),
+               "GR_FUZZ_REPORT": report, "PYTHONPATH": REPO}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(REPO, "tests",
+               "test_fuzz.py"), f"--junitxml={junit}"] + (["-k", args.k] if args.k else [])
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if args.show:
+            print(proc.stdout[-20000:], file=sys.stderr)
+        cases = json.load(open(report)) if os.path.isfile(report) else {}
+        failed = []
+        if os.path.isfile(junit):
+            for case in ET.parse(junit).getroot().iter("testcase"):
+                if case.find("failure") is not None or case.find("error") is not None:
+                    failed.append(case.get("name"))
+    result = {"examples_per_target": args.examples, "cases": cases, "cases_total": sum(cases.values()),
+              "targets_failed": failed, "seconds": round(time.time() - t0, 1), "pytest_rc": proc.returncode}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
