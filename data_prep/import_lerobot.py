@@ -301,7 +301,8 @@ class LeRobotReader:
             path: its data parquet.
         """
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: data file of episode {row['episode_index']} (listed in {row['_file']}) not found")
+            raise ValueError(f"{path}: data file of episode {row['episode_index']} (listed in {row['_file']}, path "
+                             f"from data_path in {self.info['_path']}) not found")
         if self._table[0] != path:
             self._table = (path, read_parquet(path))
         table = self._table[1]
@@ -328,7 +329,8 @@ class LeRobotReader:
             where: the episode, for error messages.
         """
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: video of camera {key!r} for {where} not found")
+            raise ValueError(f"{path}: video of camera {key!r} for {where} not found (path from video_path in "
+                             f"{self.info['_path']})")
         try:
             if self._videos.get(key, (None,))[0] != path:
                 self._videos[key] = (path, open_video(path))
@@ -337,7 +339,7 @@ class LeRobotReader:
             idx = np.round(times * fps).astype(np.int64)
             if idx.min() < 0 or idx.max() >= len(vr):
                 raise ValueError(f"camera {key!r} has {len(vr)} frames but {where} needs frames "
-                                 f"{idx.min()}..{idx.max()}")
+                                 f"{idx.min()}..{idx.max()} (timestamps at {fps} fps, from {self.info['_path']})")
             return get_frames(vr, idx)
         except (VideoDecodeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from exc
@@ -351,6 +353,15 @@ class LeRobotReader:
         """
         ep = int(row["episode_index"])
         data_path, videos = self.paths(row)
+        try:
+            return self._read(row, ep, data_path, videos, fallback_instruction)
+        except (ValueError, OSError) as exc:  # pyarrow/pandas errors on a corrupt file may not name it
+            if data_path in str(exc) or any(p in str(exc) for p, _ in videos.values()):
+                raise
+            raise ValueError(f"{data_path}: episode {ep}: {exc}") from exc
+
+    def _read(self, row: dict[str, Any], ep: int, data_path: str, videos: dict[str, tuple[str, float]],
+              fallback_instruction: Optional[str]) -> tuple[Episode, str]:
         table = self.episode_table(row, data_path)
         where = f"{data_path}: episode {ep}"
         if "timestamp" in table.column_names:

@@ -23,12 +23,53 @@ import xml.etree.ElementTree as ET
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def decord_crash_rate(cases: int, seed: int = 0) -> dict:
+    """Byte-mutated copies of a small H.264 mp4, each opened and fully decoded by decord in a forked child: how many
+    kill the process (a signal) instead of raising."""
+    import io
+    import random
+
+    import decord
+    import numpy as np
+
+    sys.path.insert(0, REPO)
+    from gr.data.video_io import encode_mp4
+
+    good = encode_mp4(np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), 8.0)
+    rng = random.Random(seed)
+    counts = {"cases": cases, "crashes": 0, "python_errors": 0}
+    for _ in range(cases):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 24)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        data = bytes(data[:rng.randrange(len(data) + 1)] if rng.random() < 0.5 else data)
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # FFmpeg's complaints about the corrupt input
+            try:
+                vr = decord.VideoReader(io.BytesIO(data))
+                vr.get_batch(list(range(len(vr)))).asnumpy()
+            except Exception:  # noqa: BLE001 - a Python error is the good outcome here
+                os._exit(3)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        counts["crashes"] += int(os.WIFSIGNALED(status))
+        counts["python_errors"] += int(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=500, help="cases per target")
     p.add_argument("-k", default=None, help="pytest -k expression to pick targets")
     p.add_argument("--show", action="store_true", help="print pytest's output (failing examples)")
+    p.add_argument("--decord-crash-rate", type=int, default=0, metavar="N",
+                   help="instead: decode N byte-mutated mp4s with decord in child processes and count crashes")
     args = p.parse_args(argv)
+    if args.decord_crash_rate:
+        result = decord_crash_rate(args.decord_crash_rate)
+        print(json.dumps(result, indent=2))
+        return result
     with tempfile.TemporaryDirectory() as tmp:
         report, junit = os.path.join(tmp, "cases.json"), os.path.join(tmp, "junit.xml")
         env = {**os.environ, "GR_FUZZ_RANDOM": "1", "GR_FUZZ_EXAMPLES": str(args.examples),

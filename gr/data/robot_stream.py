@@ -35,7 +35,7 @@ def _npy(raw: dict[str, Any], name: str, key: str) -> np.ndarray:
         raise SampleError(f"{key}: missing {name} member")
     try:
         return np.load(io.BytesIO(raw[name]), allow_pickle=False)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:  # a corrupt header is a SyntaxError
+    except Exception as exc:  # noqa: BLE001 - a corrupt header raises ValueError, SyntaxError, tokenize.TokenError, ...
         raise SampleError(f"{key}.{name}: not a readable npy array ({exc})") from exc
 
 

@@ -124,7 +124,7 @@ def decode_token_clip(npy: bytes, meta: dict[str, Any], clip: ClipSpec, rng: ran
     info = meta["tokens"]
     try:
         codes = np.load(io.BytesIO(npy), allow_pickle=False)
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:  # a corrupt header is a SyntaxError
+    except Exception as exc:  # noqa: BLE001 - a corrupt header raises ValueError, SyntaxError, tokenize.TokenError, ...
         raise SampleError(f"{key}.tokens.npy: not a readable npy array ({exc})") from exc
     if codes.ndim != 3 or codes.dtype not in (np.uint16, np.int32) or tuple(codes.shape[1:]) != tuple(info["grid"]):
         raise SampleError(f"{key}.tokens.npy: expected uint16/int32 [T, {info['grid'][0]}, {info['grid'][1]}], "
