@@ -181,7 +181,8 @@ def test_every_pretokenized_source_is_checked(synthetic_shards, tmp_path):
     ({"train_sources": []}, r"^data\.train_sources: the list is empty"),
     ({"train_sources": [{"shards": "A"}, {"shards": "A", "weight": 0}]},
      r"^data\.train_sources\[1\]\.weight must be a finite number > 0, got 0$"),
-    ({"train_sources": [{"shards": "A", "weight": float("nan")}]}, r"^data\.train_sources\[0\]\.weight must be"),
+    ({"train_sources": [{"shards": "A", "weight": float("nan")}]},
+     r"^data\.train_sources\[0\]\.weight: expected a finite number, got float nan$"),  # as_config's type check
     ({"train_sources": [{"shards": "A"}, {"weight": 2.0}]}, r"^data\.train_sources\[1\]\.shards is required"),
     ({"train_sources": [{"shards": "A"}, {"shards": "/no/such-{0..1}.tar"}]},
      r"^data\.train_sources\[1\]\.shards: shard file not found: '/no/such-0\.tar'$"),
