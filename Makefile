@@ -41,7 +41,7 @@ demo: install
 	$(BIN)/python -m gr.demo --out outputs/demo
 
 # Pretrained vs scratch finetuning (gr/experiment.py), from `make demo`'s pretraining checkpoint, whose corpus
-# (gr/demo.py VIDEO_TASKS) includes action-free video of the experiment's tasks. About 2 hours on 2 CPU cores.
+# (gr/demo.py VIDEO_TASKS) includes action-free video of the experiment's tasks. About 1.5 hours on 2 free CPU cores.
 PRETRAINED ?= outputs/demo/pretrain/checkpoints/last.ckpt
 PRETRAIN_INCLUDES_TARGET_TASKS ?= yes
 experiment: install

@@ -18,14 +18,10 @@ intervals. That interval treats the arms as independent samples although they sh
 conservative when their outcomes are correlated; the paired counts (both / only pretrained / only scratch / neither
 succeeded on the same layout) are reported too.
 
-Wall time, an estimate (the real figure is to be measured): the defaults (4 finetuning tasks + 1 eval-only task,
-demos 5 10 20, seeds 0 1, both arms: 12 arms of 400 steps, 10 episodes per task) take about 3 hours on 2 CPU cores,
-about 2.8 h by this sum: ~6 min to make and tokenize 4 x 22 demos at 64 px, then per arm ~7.5 min of training (~1 s per
-step at batch 32 plus ~30 s of start-up) and ~6 min of evaluation (50 episodes, mostly run to --eval-max-steps when
-they fail, ~0.04 s per step with 2 workers). Figures from timed short runs of the demo-size model (configs/demo,
-4 x 128 trunk) on a 2-core machine another job was using: 1.6 s per step on 1 thread (2 threads took 5 s there, from
-oversubscription; ~1 s assumes 2 free cores), 0.075 s per episode step on 1 worker, 61 s for 4 x 4 demos. A busy
-machine can make it several times slower.
+Wall time, measured (bench/results/experiment-cpu2.json): the defaults (4 finetuning tasks + 1 eval-only task,
+demos 5 10, seeds 0 1, both arms: 8 arms of 400 steps, 10 episodes per task) take about 1.5 hours on 2 free CPU
+cores: 78 s to make and tokenize 4 x 12 demos at 64 px, then per arm about 7 min of training and 4 min of closed-loop
+evaluation (50 episodes, 2 workers). A busy machine is slower: arms that ran beside a test suite took up to 18 min.
 """
 
 from __future__ import annotations
