@@ -98,6 +98,13 @@ def check_lengths(where: str, lengths: dict[str, int]) -> int:
     return next(iter(lengths.values()))
 
 
+def positive_number(value, integer: bool = False) -> bool:
+    """A finite number > 0 (an integer one with `integer`), not a bool: metadata checks of the importers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        return False
+    return not integer or float(value).is_integer()
+
+
 def as_2d(x: np.ndarray, where: str, key: str) -> np.ndarray:
     """[T] or [T, ...] numeric array -> float [T, D]; raises ValueError naming the key otherwise.
 

@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep._episodes import (  # noqa: E402
-    add_common_args, as_2d, check_lengths, natural_key, pick_instruction, resize_views, run_cli, safe_name,
-    split_list, write_episodes)
+    add_common_args, as_2d, check_lengths, natural_key, pick_instruction, positive_number, resize_views, run_cli,
+    safe_name, split_list, write_episodes)
 from gr.data.robot import Episode  # noqa: E402
 
 DEFAULTS = {  # per layout: state keys, action key, fps
@@ -116,8 +116,7 @@ def _control_freq(env_args: dict[str, Any], where: str) -> Optional[float]:
     """env_args.env_kwargs.control_freq (robomimic's control rate in Hz), checked; None when absent."""
     kwargs = env_args.get("env_kwargs") or {}
     freq = kwargs.get("control_freq") if isinstance(kwargs, dict) else None
-    if not isinstance(kwargs, dict) or (freq is not None and (isinstance(freq, bool) or not isinstance(
-            freq, (int, float)) or not np.isfinite(freq) or freq <= 0)):
+    if not isinstance(kwargs, dict) or (freq is not None and not positive_number(freq)):
         raise ValueError(f"{where}: attribute env_args.env_kwargs.control_freq must be a number > 0, got "
                          f"{kwargs if not isinstance(kwargs, dict) else freq!r}")
     return None if freq is None else float(freq)

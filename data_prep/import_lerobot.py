@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_prep._episodes import (  # noqa: E402
-    add_common_args, as_2d, parse_indices, pick_instruction, resize_views, run_cli, safe_name, split_list,
-    write_episodes)
+    add_common_args, as_2d, parse_indices, pick_instruction, positive_number, resize_views, run_cli, safe_name,
+    split_list, write_episodes)
 from gr.data.robot import Episode  # noqa: E402
 from gr.data.video_io import VideoDecodeError, get_frames, open_video  # noqa: E402
 
@@ -61,17 +61,11 @@ def load_info(root: str) -> dict[str, Any]:
     return info
 
 
-def _positive(value: Any, integer: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-        return False
-    return not integer or float(value).is_integer()
-
-
 def _check_info(info: dict[str, Any], path: str) -> None:
     """The types of the info.json fields the reader uses, so a mistyped one is named here and not met mid-import."""
-    if not _positive(info["fps"]):
+    if not positive_number(info["fps"]):
         raise ValueError(f"{path}: field 'fps' must be a number > 0, got {info['fps']!r}")
-    if "chunks_size" in info and not _positive(info["chunks_size"], integer=True):
+    if "chunks_size" in info and not positive_number(info["chunks_size"], integer=True):
         raise ValueError(f"{path}: field 'chunks_size' must be an integer > 0, got {info['chunks_size']!r}")
     features = info["features"]
     if not isinstance(features, dict) or not all(isinstance(v, dict) for v in features.values()):
@@ -81,7 +75,7 @@ def _check_info(info: dict[str, Any], path: str) -> None:
         if extra is not None and not isinstance(extra, dict):
             raise ValueError(f"{path}: features.{key}.info must be an object, got {type(extra).__name__}")
         fps = (extra or {}).get("video.fps")
-        if fps is not None and not _positive(fps):
+        if fps is not None and not positive_number(fps):
             raise ValueError(f"{path}: features.{key}.info.video.fps must be a number > 0, got {fps!r}")
     keys = ({"chunk_index": 0, "file_index": 0, "video_key": "k"} if info["_v3"]
             else {"episode_chunk": 0, "episode_index": 0, "video_key": "k"})
@@ -104,7 +98,7 @@ def _check_episode_row(row: Any, where: str) -> dict[str, Any]:
     ep = row.get("episode_index")
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 0:
         raise ValueError(f"{where}: 'episode_index' must be an integer >= 0, got {ep!r}")
-    if row.get("length") is not None and not _positive(row["length"], integer=True):
+    if row.get("length") is not None and not positive_number(row["length"], integer=True):
         raise ValueError(f"{where}: episode {ep}: 'length' must be an integer > 0, got {row['length']!r}")
     tasks = row.get("tasks")
     if tasks is not None and not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
