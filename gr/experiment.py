@@ -82,6 +82,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="processes for demo generation and evaluation")
     p.add_argument("--robot-data", default=None,
                    help="folder of pre-tokenized train-*.tar + val-*.tar robot shards (default: make them)")
+    p.add_argument("--reuse-scratch", default=None, metavar="OTHER_OUT",
+                   help="take the scratch arms of another experiment folder instead of training them again; each "
+                        "must match this run's arm config, data files and evaluation exactly (else an error)")
     p.add_argument("--out", default="outputs/experiment")
     return p.parse_args(argv)
 
@@ -335,6 +338,77 @@ def run_arm(args: argparse.Namespace, spec: dict, data: dict, arm: str, demos: i
             "root": root, "config": os.path.join(root, "demo_finetune.yaml"), **train, **result}
 
 
+def comparable_config(cfg: dict) -> dict:
+    """An arm config without the paths that name its own folder and data files (those are compared by content)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    trainer = cfg.get("trainer", {})
+    trainer.pop("default_root_dir", None)
+    if isinstance(trainer.get("logger"), dict):
+        trainer["logger"].get("init_args", {}).pop("save_dir", None)
+    for cb in trainer.get("callbacks") or []:
+        cb.get("init_args", {}).pop("dirpath", None)
+    for key in ("train_shards", "val_shards", "stats_file"):
+        cfg.get("data", {}).get("init_args", {}).pop(key, None)
+    return cfg
+
+
+def file_digest(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reused_scratch_arm(args: argparse.Namespace, spec: dict, data: dict, demos: int, seed: int) -> Optional[dict]:
+    """The scratch arm `(demos, seed)` of the experiment in `--reuse-scratch`, when it is the run this experiment
+    would train: the same config (all but its own paths), byte-identical training/validation files, the same
+    evaluation. A scratch arm never reads the pretrained weights, so two experiments that share the tokenizer, the
+    trunk sizes and the demos share their scratch arms. None when that experiment has no such arm; an InputError
+    naming what differs otherwise."""
+    import yaml
+
+    other = os.path.abspath(args.reuse_scratch)
+    name, field = arm_name("scratch", demos, seed), "--reuse-scratch"
+    path = os.path.join(other, "experiment.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{field}: no experiment.json in {other!r}")
+    with open(path) as f:
+        results = json.load(f)
+    run = results["arms"].get(name)
+    if run is None:
+        return None
+    for key in ("tasks", "eval_only_tasks", "eval_episodes", "eval_max_steps", "steps"):
+        if results["options"].get(key) != getattr(args, key):
+            raise InputError(f"{field}: {path}: {key} is {results['options'].get(key)!r}, "
+                             f"this run's is {getattr(args, key)!r}")
+    if (results["eval"]["seed"], results["eval"]["execute_steps"]) != (EVAL_SEED, EVAL_EXECUTE_STEPS):
+        raise InputError(f"{field}: {path}: evaluated with seed/execute_steps "
+                         f"{results['eval']['seed']}/{results['eval']['execute_steps']}")
+    config = os.path.join(other, "arms", name, "demo_finetune.yaml")
+    with open(config) as f:
+        theirs = comparable_config(yaml.safe_load(f))
+    ours = comparable_config(arm_config(args, spec, data[demos], "scratch", seed, os.path.join(other, "arms", name)))
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs["model"]["init_args"]) | set(ours["model"]["init_args"])
+                      if theirs["model"]["init_args"].get(k) != ours["model"]["init_args"].get(k))
+        raise InputError(f"{field}: {config}: arm config differs from this run's (model.init_args {diff or '-'}, "
+                         "or the trainer/data sections)")
+    mine = {"train": data[demos]["train"]["shards"], "train stats": data[demos]["train"]["stats_file"],
+            "val": data[demos]["val"]["shards"]}
+    subsets = os.path.join(other, "data", "subsets")
+    for what, ours_file in mine.items():
+        theirs_file = os.path.join(subsets, "val" if what == "val" else f"d{demos}", os.path.basename(ours_file))
+        if not os.path.isfile(theirs_file) or file_digest(theirs_file) != file_digest(ours_file):
+            raise InputError(f"{field}: {theirs_file}: {what} data differ from this run's {ours_file}; pass "
+                             f"--robot-data {os.path.join(other, 'data', 'tokens')} to train on the same demos")
+    return {**run, "reused_from": {"experiment": path, "arm": name}}
+
+
 def arm_name(arm: str, demos: int, seed: int) -> str:
     return f"{arm}_d{demos}_s{seed}"
 
@@ -555,6 +629,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     wall_before = results["wall_seconds"]
     # Both arms of a setting run back to back, so a killed experiment leaves complete pairs.
     plan = [(a, d, s) for d in sorted(set(args.demos)) for s in args.seeds for a in args.arms]
+    if args.reuse_scratch:
+        for arm, demos, seed in plan:
+            if arm == "scratch" and arm_name(arm, demos, seed) not in results["arms"]:
+                try:
+                    run = reused_scratch_arm(args, spec, data, demos, seed)
+                except InputError as exc:
+                    print(f"gr experiment: error: {exc}", file=sys.stderr)
+                    raise SystemExit(2) from None
+                if run is not None:
+                    results["arms"][arm_name(arm, demos, seed)] = run
     todo = [p for p in plan if arm_name(*p) not in results["arms"]]
     with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="arms", unit="arm") as bar:
         for arm, demos, seed in todo:

@@ -51,3 +51,23 @@ def test_demo_stages_run_and_report(tmp_path):
     assert summary["checks"]["finetuned_beats_copy_last_psnr_every_view"] == all(
         v["psnr"] > v["psnr_copy_last"] for v in views.values())
     assert os.path.isfile(ro["robot"]["action_plots"][0]) and len(ro["robot"]["metrics"]["ssim"]) >= 1
+
+    # A second corpus tokenized with the first run's VQGAN (what `make experiment-ood` does): nothing is trained for
+    # the tokenizer, its held-out PSNR is measured again, and the pretraining names the same tokenizer files.
+    export = os.path.dirname(tok["checkpoint"])
+    again = main(["--out", str(tmp_path / "ood"), "--num-train", "64", "--num-val", "16", "--num-frames", "6",
+                  "--max-steps", "2", "--robot-demos", "2", "--robot-tasks", "coffee-button-v3", "--skip-robot",
+                  "--video-tasks", "reach-v3", "--video-episodes", "1", "--tokenizer", export])
+    reused = again["stages"]["tokenizer"]
+    assert reused["reused_from"] == export and reused["checkpoint"] == tok["checkpoint"]
+    # Measured on this run's held-out frames (which frames are drawn depends on the shard paths) with the same VQGAN.
+    from gr.demo import robot_frame_psnr
+    from gr.encoders import FrozenVQGAN
+
+    vq = FrozenVQGAN.from_taming(tok["checkpoint"], tok["yaml"])
+    assert robot_frame_psnr(vq, again["stages"]["robot_demos"]["val_shards"], 64, ["head", "wrist"], "psnr_robot") == {
+        k: reused[k] for k in ("psnr_robot_head_db", "psnr_robot_wrist_db")}
+    assert not (tmp_path / "ood" / "tokenizer").exists() and "tokenizer_psnr_gain_ge_6db" not in again["checks"]
+    assert again["pretrain_includes_target_tasks"] == []
+    hp = torch.load(again["checkpoint"], weights_only=True)["hyper_parameters"]
+    assert hp["image_tokenizer"]["checkpoint"] == tok["checkpoint"]

@@ -22,8 +22,8 @@ from tests.test_pretokenized import tiny_vqgan  # noqa: F401 - a fixture, used b
 TASK, ZERO_SHOT = "coffee-button-v3", "drawer-close-v3"
 
 
-def save_pretrained(path, image_tokenizer: dict) -> str:
-    torch.manual_seed(0)
+def save_pretrained(path, image_tokenizer: dict, seed: int = 0) -> str:
+    torch.manual_seed(seed)
     module = PretrainModule(**module_init_args(image_tokenizer=image_tokenizer))
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return str(path)
@@ -131,3 +131,52 @@ def test_bad_input_is_one_line_naming_the_field(finished, tiny_setup, tmp_path, 
         if "--robot-data" in extra:
             assert "tokens.fingerprint" in lines[0] and "different VQGAN" in lines[0]
     assert not (tmp_path / "bad" / "arms").exists()  # nothing trained
+
+
+def test_reuse_scratch_takes_matching_arms_only(finished, tiny_setup, tmp_path, monkeypatch, capsys):
+    """A second experiment from other pretrained weights (same tokenizer, sizes and demos) takes the first one's
+    scratch arm and trains only its pretrained arm; any difference in steps, config or data files is refused."""
+    import shutil
+
+    import gr.experiment as experiment
+
+    first_out, first = finished
+    tok = first["pretrained"]["image_tokenizer"]
+    other = save_pretrained(tmp_path / "other.ckpt", {**TINY_TOKENIZER, "checkpoint": tok["checkpoint"],
+                                                      "yaml": tok["yaml"]}, seed=1)
+    trained = []
+
+    def fake_run_arm(args, spec, data, arm, demos, seed):
+        trained.append(arm)  # the pretrained arm's result is not what this test checks
+        return {**first["arms"]["pretrained_d2_s0"], "init_from": spec["checkpoint"]}
+
+    monkeypatch.setattr(experiment, "run_arm", fake_run_arm)
+    base = experiment_args({**tiny_setup, "pretrained": other}, tmp_path / "ood", "--robot-data",
+                           str(first_out / "data" / "tokens"))
+    res = experiment.main(base + ["--reuse-scratch", str(first_out)])
+    assert trained == ["pretrained"]
+    scratch = res["arms"]["scratch_d2_s0"]
+    assert scratch["reused_from"] == {"experiment": str(first_out / "experiment.json"), "arm": "scratch_d2_s0"}
+    assert scratch["episodes"] == first["arms"]["scratch_d2_s0"]["episodes"]
+    assert res["summary"]["by_arm"]["scratch"] == first["summary"]["by_arm"]["scratch"]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(first_out, copy, ignore=shutil.ignore_patterns("wandb", "checkpoints", "eval"))
+    with open(copy / "data" / "subsets" / "d2" / "train-stats.json", "a") as f:
+        f.write(" ")  # one byte more: not the same data file
+    lr_cfg = yaml.safe_load(open(tiny_setup["config"]))
+    lr_cfg["model"]["init_args"].setdefault("optim", {})["lr"] = 0.5
+    (tmp_path / "lr.yaml").write_text(yaml.safe_dump(lr_cfg))
+    cases = [(["--steps", "3", "--reuse-scratch", str(first_out)], "steps is 2, this run's is 3"),
+             (["--config", str(tmp_path / "lr.yaml"), "--reuse-scratch", str(first_out)], "arm config differs"),
+             (["--reuse-scratch", str(copy)], "train stats data differ"),
+             (["--reuse-scratch", str(tmp_path / "nowhere")], "no experiment.json")]
+    for n, (extra, message) in enumerate(cases):
+        argv = experiment_args({**tiny_setup, "pretrained": other}, tmp_path / f"bad{n}", "--robot-data",
+                               str(first_out / "data" / "tokens"), *extra)
+        with pytest.raises(SystemExit) as exc:
+            experiment.main(argv)
+        assert exc.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(lines) == 1 and lines[0].startswith("gr experiment: error: --reuse-scratch: ") and message in lines[0]
+    assert trained == ["pretrained"]  # no refused run trained anything
