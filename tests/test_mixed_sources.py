@@ -104,7 +104,7 @@ def test_each_source_is_split_by_rank_on_its_own(synthetic_shards, monkeypatch):
     one = expand_urls(synthetic_shards["val_shards"], "val")[:1]  # 1 shard for 2 ranks: every other clip each
     per_rank = []
     for rank in (0, 1):
-        monkeypatch.setattr(shards, "reader_ids", lambda rank=rank: (rank, 2, 0, 1))
+        monkeypatch.setattr(shards, "reader_ids", lambda worker_offset=0, rank=rank: (rank, 2, 0, 1))
         stream = MixedClipStream([(big, 1.0), (one, 1.0)], CLIP, shuffle=True, shuffle_buffer=8, seed=2)
         per_rank.append([(s["source"], s["key"]) for s in stream])
     keys0, keys1 = ({k for _, k in r} for r in per_rank)

@@ -1,4 +1,4 @@
-"""LightningDataModule for text-video clips, with a loader that resumes mid-epoch exactly."""
+"""LightningDataModule for text-video clips, and the loader that resumes any shard stream mid-epoch exactly."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from gr.config import ClipSpec, ConfigError, as_config
-from gr.data.shards import (ClipSource, ClipStream, MixedClipStream, StreamState, expand_urls, parse_meta,
-                            tokens_spec_mismatch)
+from gr.data.shards import (ClipSource, ClipStream, MixedClipStream, ShardStream, StreamState, expand_urls,
+                            parse_meta, tokens_spec_mismatch)
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +28,33 @@ def collate_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class ClipStreamLoader(DataLoader):
-    """DataLoader over a ClipStream that Lightning can checkpoint and restore mid-epoch.
+class ResumableLoader(DataLoader):
+    """DataLoader over a ShardStream (text-video clips or robot windows) that Lightning can checkpoint and restore
+    mid-epoch: batches carry `position` rows (epoch, worker, pos), and the stream skips what was consumed.
 
     Progress is recorded only for batches handed to the training step (`mark_consumed`, called from the data module's
-    `on_before_batch_transfer`), not for batches Lightning has merely prefetched.
+    `on_before_batch_transfer`), not for batches Lightning has merely prefetched. The loader is kept across epochs
+    and sets the stream's epoch, which reseeds its shard order, shuffle buffer and random draws.
 
     Args:
-        dataset: the clip stream.
+        dataset: the stream.
         batches_per_epoch: end each epoch after this many batches (per rank). A resampled (endless) stream has
             epochs only with it; a finite one then gives every rank the same number of steps as long as every rank
             has at least that many batches.
+        collate_fn: builds a batch (with a stacked `position`) from the stream's items.
     """
 
-    def __init__(self, dataset: ClipStream, batches_per_epoch: Optional[int] = None, **kwargs):
-        super().__init__(dataset, collate_fn=collate_clips, **kwargs)
+    def __init__(self, dataset: ShardStream, batches_per_epoch: Optional[int] = None, *, collate_fn, **kwargs):
+        super().__init__(dataset, collate_fn=collate_fn, **kwargs)
         self.batches_per_epoch = batches_per_epoch
         self.progress = StreamState(epoch=0, positions={})
         self.consumed_batches = 0  # in the current epoch
 
     def __iter__(self):
-        self.dataset.state = StreamState(self.progress.epoch, dict(self.progress.positions or {}))
+        # Batches come round-robin from the workers, starting at worker 0; after `consumed_batches` the next one is
+        # worker (consumed_batches % num_workers)'s, so that logical worker is the one asked first.
+        self.dataset.state = StreamState(self.progress.epoch, dict(self.progress.positions or {}),
+                                         self.consumed_batches % max(1, self.num_workers))
         left = None if self.batches_per_epoch is None else self.batches_per_epoch - self.consumed_batches
         for i, batch in enumerate(super().__iter__()):
             if left is not None and i >= left:
@@ -72,6 +78,13 @@ class ClipStreamLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress = StreamState(int(state["epoch"]), {int(k): int(v) for k, v in state["positions"].items()})
         self.consumed_batches = int(state.get("consumed_batches", 0))
+
+
+class ClipStreamLoader(ResumableLoader):
+    """The ResumableLoader of text-video clips (`collate_clips`)."""
+
+    def __init__(self, dataset: ClipStream, batches_per_epoch: Optional[int] = None, **kwargs):
+        super().__init__(dataset, batches_per_epoch, collate_fn=collate_clips, **kwargs)
 
 
 class VideoDataModule(L.LightningDataModule):

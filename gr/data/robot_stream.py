@@ -5,8 +5,14 @@ pre-tokenized shard) and cut into windows: history steps t-h+1..t (clamped at th
 t + offset (clamped at the end), states for the history steps and the action chunk a_t..a_{t+k-1} (padded past the end
 and masked). State and actions are normalized with the dataset statistics stored in the shards' json.
 
-Bad episodes (missing view, state/action length mismatch, undecodable video, codes of another tokenizer) are skipped,
-logged with shard and key, and counted.
+Bad episodes (a json that is not an object, missing view, state/action length mismatch, undecodable video, codes of
+another tokenizer or of the wrong dtype, grid or range) are skipped, logged with shard and key, and counted.
+
+The stream is a `ShardStream` (gr/data/shards.py), like the text-video one: the same split by rank and worker, the
+same `resampled` mode, shuffle buffer and code checks, and the same resume through `ResumableLoader`. Its resume
+position counts windows (after the shuffle buffer), not raw episodes, because one episode gives many windows: a
+restarted worker replays its epoch's episodes and drops the windows already consumed, which costs one decode of
+those episodes (cheap for pre-tokenized shards) and gives the uninterrupted run's batches exactly.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from typing import Any, Iterator, Optional
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from gr.config import ClipSpec, ConfigError, RobotConfig
 from gr.data.robot import make_windows, normalizer
-from gr.data.shards import SampleError, expand_urls, raw_samples, reader_samples, tokens_spec_mismatch
+from gr.data.datamodule import ResumableLoader
+from gr.data.shards import SampleError, ShardStream, expand_urls, load_codes, raw_samples, tokens_spec_mismatch
 from gr.data.video_io import VideoDecodeError, get_frames, open_video, resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,8 @@ def episode_meta(raw: dict[str, Any], key: str, views: list[str]) -> dict[str, A
         raise SampleError(f"{key}: missing json member") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SampleError(f"{key}.json: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise SampleError(f"{key}.json: expected an object, got {type(meta).__name__}")
     if not isinstance(meta.get("instruction"), str):
         raise SampleError(f"{key}.json: field 'instruction' must be a string")
     missing = [v for v in views if v not in meta.get("views", [])]
@@ -56,9 +65,10 @@ def episode_meta(raw: dict[str, Any], key: str, views: list[str]) -> dict[str, A
     return meta
 
 
-class RobotWindowStream(IterableDataset):
+class RobotWindowStream(ShardStream):
     """Iterable of windows: {"history", "future", "state", "arm", "gripper", "action_mask", "instruction", "key",
-    "num_skipped"}; history/future hold uint8 frames (video shards) or int64 codes (pre-tokenized shards).
+    "num_skipped", "position"}; history/future hold uint8 frames (video shards) or int64 codes (pre-tokenized
+    shards), position is (epoch, worker, windows this worker has produced in the epoch).
 
     Args:
         urls: shard URLs.
@@ -70,23 +80,26 @@ class RobotWindowStream(IterableDataset):
         shuffle: shuffle shards, windows (buffered) and the chosen steps; else deterministic order.
         shuffle_buffer: windows held per worker.
         seed: base seed.
+        resampled: draw episodes' shards with replacement per rank and worker, endlessly (see ShardStream); the
+            epoch length then comes from the loader's `batches_per_epoch`.
     """
 
     def __init__(self, urls: list[str], robot: RobotConfig, clip: ClipSpec, norm: dict[str, np.ndarray],
                  tokens: Optional[dict[str, Any]] = None, windows_per_episode: Optional[int] = None,
-                 shuffle: bool = True, shuffle_buffer: int = 512, seed: int = 0):
-        super().__init__()
-        self.urls, self.robot, self.clip, self.norm, self.tokens = list(urls), robot, clip, norm, tokens
-        self.windows_per_episode, self.shuffle, self.shuffle_buffer, self.seed = (
-            windows_per_episode, shuffle, shuffle_buffer, seed)
-        self.epoch = 0
+                 shuffle: bool = True, shuffle_buffer: int = 512, seed: int = 0, resampled: bool = False):
+        super().__init__(urls, shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed, resampled=resampled)
+        self.robot, self.clip, self.norm, self.tokens = robot, clip, norm, tokens
+        self.windows_per_episode = windows_per_episode
 
     def _view_frames(self, raw: dict[str, Any], view: str, key: str, meta: dict[str, Any]) -> np.ndarray:
         if self.tokens is not None:
             why = tokens_spec_mismatch(meta.get("tokens"), self.tokens)
             if why:
                 raise SampleError(f"{key}.json: {why}")
-            return _npy(raw, f"{view}.tokens.npy", key).astype(np.int64)
+            member = f"{view}.tokens.npy"
+            if member not in raw:
+                raise SampleError(f"{key}: missing {member} member")
+            return load_codes(raw[member], meta["tokens"], f"{key}.{member}").astype(np.int64)
         if f"{view}.mp4" not in raw:
             raise SampleError(f"{key}: missing {view}.mp4 member")
         try:
@@ -113,8 +126,8 @@ class RobotWindowStream(IterableDataset):
                 raise SampleError(f"{key}.{v}: {len(f)} frames but {len(state)} state steps")
         return frames, state, action, meta["instruction"]
 
-    def _windows(self, rng: random.Random) -> Iterator[dict[str, Any]]:
-        samples, rank, worker = reader_samples(self.urls, self.shuffle, self.seed, self.epoch)
+    def _windows(self, samples: Iterator[dict[str, Any]], rank: int, worker: int,
+                 rng: random.Random) -> Iterator[dict[str, Any]]:
         num_skipped = 0
         for raw in samples:
             key = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
@@ -135,17 +148,14 @@ class RobotWindowStream(IterableDataset):
                 num_skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rng = random.Random(f"{self.seed}-{self.epoch}")
-        if not self.shuffle or self.shuffle_buffer <= 1:
-            yield from self._windows(rng)
-            return
-        buf: list[dict[str, Any]] = []
-        for w in self._windows(rng):
-            buf.append(w)
-            if len(buf) >= self.shuffle_buffer:
-                yield buf.pop(rng.randrange(len(buf)))
-        rng.shuffle(buf)
-        yield from buf
+        samples, rank, worker = self._reader_samples()
+        epoch, skip = self.state.epoch, self._skip(worker)
+        # One rng per epoch for the window draws and the buffer, the same in every reader: readers hold different
+        # episodes, and it keeps the batches of runs made before the shared base (bench/results/experiment-*.json).
+        rng = random.Random(f"{self.seed}-{epoch}")
+        for pos, window in enumerate(self._shuffled(self._windows(samples, rank, worker, rng), rng), start=1):
+            if pos > skip:  # resume: the first `skip` windows were consumed before the checkpoint
+                yield {**window, "position": torch.tensor([epoch, worker, pos])}
 
 
 def collate_windows(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -153,15 +163,9 @@ def collate_windows(samples: list[dict[str, Any]]) -> dict[str, Any]:
            ("history", "future", "state", "arm", "gripper", "action_mask", "step")}
     out.update(instruction=[s["instruction"] for s in samples], key=[s["key"] for s in samples],
                num_skipped=sum(s["num_skipped"] for s in samples))  # a host int: no device sync to read it
+    if all("position" in s for s in samples):
+        out["position"] = torch.stack([s["position"] for s in samples])  # (B, 3): epoch, worker, windows so far
     return out
-
-
-class _EpochLoader(DataLoader):
-    """Reseeds the stream's shard order and window draws for every pass (workers get a fresh copy each epoch)."""
-
-    def __iter__(self):
-        yield from super().__iter__()
-        self.dataset.epoch += 1
 
 
 class RobotDataModule(L.LightningDataModule):
@@ -182,17 +186,34 @@ class RobotDataModule(L.LightningDataModule):
         shard_format: "video" (mp4 per view) or "tokens" (data_prep/tokenize_shards.py output).
         stats_file: a `<prefix>-stats.json`; default: the `stats` block of the first training episode.
         seed: shuffling seed.
+        resampled: draw training shards with replacement per rank and worker, endlessly, as VideoDataModule does:
+            no rank runs out before another, whatever the shard count. Set `batches_per_epoch` or stop with
+            trainer.max_steps.
+        batches_per_epoch: epoch length in batches per rank (with `resampled`: the nominal epoch; without: cut each
+            pass there, so every rank takes the same number of steps).
+
+    The training loader resumes mid-epoch exactly (`ResumableLoader`): a restarted finetune continues the epoch's
+    shard order and window draws instead of replaying epoch 0.
     """
 
     def __init__(self, train_shards: str | list[str], val_shards: Optional[str | list[str]] = None,
                  batch_size: int = 32, num_workers: int = 2, shuffle_buffer: int = 512,
                  windows_per_episode: Optional[int] = None, shard_format: str = "video",
-                 stats_file: Optional[str] = None, seed: int = 0):
+                 stats_file: Optional[str] = None, seed: int = 0, resampled: bool = False,
+                 batches_per_epoch: Optional[int] = None):
         super().__init__()
         if shard_format not in ("video", "tokens"):
             raise ConfigError(f"data.shard_format must be 'video' or 'tokens', got {shard_format!r}")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        if batches_per_epoch is not None and batches_per_epoch < 1:
+            raise ConfigError(f"data.batches_per_epoch must be >= 1 or null, got {batches_per_epoch}")
+        if windows_per_episode is not None and windows_per_episode < 1:
+            raise ConfigError(f"data.windows_per_episode must be >= 1 or null, got {windows_per_episode}")
+        self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
+        self._train_loader: Optional[ResumableLoader] = None
         self.train_urls = expand_urls(train_shards, "data.train_shards")
         self.val_urls = expand_urls(val_shards, "data.val_shards") if val_shards else None
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
@@ -238,12 +259,22 @@ class RobotDataModule(L.LightningDataModule):
         tokens = module.tokens_spec if self.shard_format == "tokens" else None
         return RobotWindowStream(urls, robot, module.clip_spec, norm, tokens,
                                  self.windows_per_episode if train else None, shuffle=train,
-                                 shuffle_buffer=self.shuffle_buffer, seed=self.seed)
+                                 shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+                                 resampled=self.resampled and train)
 
-    def train_dataloader(self) -> DataLoader:
-        return _EpochLoader(self._stream(self.train_urls, True), batch_size=self.batch_size,
-                            num_workers=self.num_workers, collate_fn=collate_windows, drop_last=True,
-                            pin_memory=torch.cuda.is_available())
+    def train_dataloader(self) -> ResumableLoader:
+        if self._train_loader is None:  # one loader for the run: its progress (epoch, positions) is checkpointed
+            self._train_loader = ResumableLoader(self._stream(self.train_urls, True), self.batches_per_epoch,
+                                                 batch_size=self.batch_size, num_workers=self.num_workers,
+                                                 collate_fn=collate_windows, drop_last=True,
+                                                 pin_memory=torch.cuda.is_available())
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None and "position" in batch:
+            self._train_loader.mark_consumed(batch["position"])
+        return batch
 
     def val_dataloader(self):
         if not self.val_urls:

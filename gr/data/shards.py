@@ -122,13 +122,7 @@ def decode_token_clip(npy: bytes, meta: dict[str, Any], clip: ClipSpec, rng: ran
     if why:
         raise SampleError(f"{key}.json: {why}")
     info = meta["tokens"]
-    try:
-        codes = np.load(io.BytesIO(npy), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - a corrupt header raises ValueError, SyntaxError, tokenize.TokenError, ...
-        raise SampleError(f"{key}.tokens.npy: not a readable npy array ({exc})") from exc
-    if codes.ndim != 3 or codes.dtype not in (np.uint16, np.int32) or tuple(codes.shape[1:]) != tuple(info["grid"]):
-        raise SampleError(f"{key}.tokens.npy: expected uint16/int32 [T, {info['grid'][0]}, {info['grid'][1]}], "
-                          f"got {codes.dtype} {list(codes.shape)}")
+    codes = load_codes(npy, info, f"{key}.tokens.npy", check_range=False)
     try:
         idx = resample_indices(len(codes), float(info["fps"]), clip.fps, meta.get("start") or 0.0, meta.get("end"))
     except VideoDecodeError as exc:
@@ -137,25 +131,52 @@ def decode_token_clip(npy: bytes, meta: dict[str, Any], clip: ClipSpec, rng: ran
         raise SampleError(f"{key}.tokens.npy: {len(idx)} frames at {clip.fps} fps, clip needs {clip.span}")
     first = rng.randrange(len(idx) - clip.span + 1)
     out = codes[[int(idx[first + o]) for o in clip.frame_offsets]].astype(np.int64)
-    if out.size and int(out.max()) >= int(info["codebook_size"]):
-        raise SampleError(f"{key}.tokens.npy: code {int(out.max())} >= codebook_size {info['codebook_size']}")
+    check_code_range(out, info, f"{key}.tokens.npy")  # only the frames used: a long clip is not scanned whole
     return out
 
 
-def reader_ids() -> tuple[int, int, int, int]:
-    """(rank, world size, DataLoader worker id, number of workers) of the calling reader."""
+def load_codes(npy: bytes, info: dict[str, Any], where: str, check_range: bool = True) -> np.ndarray:
+    """Pre-tokenized codes of one video or view (`<member>.tokens.npy`): uint16/int32 [T, h, w] with the grid of the
+    json `tokens` block (already matched to the model by `tokens_spec_mismatch`), and every code in
+    [0, codebook_size) unless `check_range` is False. Raises a SampleError naming `where` (shard:key.member)."""
+    try:
+        codes = np.load(io.BytesIO(npy), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - a corrupt header raises ValueError, SyntaxError, tokenize.TokenError, ...
+        raise SampleError(f"{where}: not a readable npy array ({exc})") from exc
+    grid = info.get("grid") or [None, None]
+    if codes.ndim != 3 or codes.dtype not in (np.uint16, np.int32) or tuple(codes.shape[1:]) != tuple(grid):
+        raise SampleError(f"{where}: expected uint16/int32 [T, {grid[0]}, {grid[1]}], got {codes.dtype} "
+                          f"{list(codes.shape)}")
+    if check_range:
+        check_code_range(codes, info, where)
+    return codes
+
+
+def check_code_range(codes: np.ndarray, info: dict[str, Any], where: str) -> None:
+    if codes.size and (int(codes.max()) >= int(info["codebook_size"]) or int(codes.min()) < 0):
+        bad = int(codes.max()) if int(codes.max()) >= int(info["codebook_size"]) else int(codes.min())
+        raise SampleError(f"{where}: code {bad} outside [0, codebook_size {info['codebook_size']})")
+
+
+def reader_ids(worker_offset: int = 0) -> tuple[int, int, int, int]:
+    """(rank, world size, DataLoader worker id, number of workers) of the calling reader.
+
+    The worker id is logical: `(DataLoader worker id + worker_offset) % num_workers`. A DataLoader always asks its
+    worker 0 for the first batch, so a loader resuming after `c` batches of an epoch passes `c % num_workers`: the
+    worker asked first then plays the part of the one whose turn it was, and the batches keep their order."""
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     info = get_worker_info()
-    worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+    worker, num_workers = ((info.id + worker_offset) % info.num_workers, info.num_workers) if info else (0, 1)
     return rank, world, worker, num_workers
 
 
-def split_for_reader(all_urls: list[str], shuffle: bool, seed: int | str, epoch: int) -> tuple[list[str], int, int]:
+def split_for_reader(all_urls: list[str], shuffle: bool, seed: int | str, epoch: int,
+                     worker_offset: int = 0) -> tuple[list[str], int, int]:
     """This reader's shards: (seeded per-epoch shuffle, then) split by node/rank, then by DataLoader worker.
     Returns (urls, rank, worker)."""
-    rank, world, worker, num_workers = reader_ids()
+    rank, world, worker, num_workers = reader_ids(worker_offset)
     urls = list(all_urls)
     if shuffle:
         random.Random(f"{seed}-{epoch}").shuffle(urls)
@@ -166,17 +187,17 @@ def split_for_reader(all_urls: list[str], shuffle: bool, seed: int | str, epoch:
     return urls, rank, worker
 
 
-def reader_samples(all_urls: list[str], shuffle: bool, seed: int | str,
-                   epoch: int) -> tuple[Iterator[dict[str, Any]], int, int]:
+def reader_samples(all_urls: list[str], shuffle: bool, seed: int | str, epoch: int,
+                   worker_offset: int = 0) -> tuple[Iterator[dict[str, Any]], int, int]:
     """This reader's raw samples: (samples, rank, worker).
 
     With at least as many shards as readers (ranks x workers), each reader streams whole shards (`split_for_reader`).
     With fewer, typically a small validation set, every reader streams all shards and keeps every k-th sample, so no
     rank or worker is left without data (a rank with none would have nothing to add when metrics are synced)."""
-    rank, world, worker, num_workers = reader_ids()
+    rank, world, worker, num_workers = reader_ids(worker_offset)
     readers = world * num_workers
     if len(all_urls) >= readers:
-        urls, rank, worker = split_for_reader(all_urls, shuffle, seed, epoch)
+        urls, rank, worker = split_for_reader(all_urls, shuffle, seed, epoch, worker_offset)
         return raw_samples(urls), rank, worker
     urls = list(all_urls)
     if shuffle:
@@ -225,13 +246,66 @@ def mix_by_weight(streams: list[Iterator[dict[str, Any]]], weights: list[float],
 
 @dataclass
 class StreamState:
-    """Where a clip stream is: epoch, and raw samples already produced per worker in that epoch."""
+    """Where a stream is: epoch, items already produced per (logical) worker in that epoch, and the worker offset
+    that keeps the DataLoader's round-robin order across a resume (`reader_ids`)."""
 
     epoch: int = 0
     positions: Optional[dict[int, int]] = None
+    worker_offset: int = 0
 
 
-class ClipStream(IterableDataset):
+class ShardStream(IterableDataset):
+    """What every training stream over shards shares (ClipStream for text-video, RobotWindowStream for robot
+    episodes): the split of shards by rank then DataLoader worker (`reader_samples`) or, with `resampled`, an endless
+    per-reader draw with replacement; the seeded shuffle buffer; and the resume state (`state`: the epoch and, per
+    worker, how many items it had produced), which `ResumableLoader` (datamodule.py) records from the batches the
+    training step consumed and hands back after a restart.
+
+    Subclasses produce items tagged `position` = (epoch, worker, pos) and skip the first `state.positions[worker]`.
+    """
+
+    def __init__(self, urls: list[str], shuffle: bool = True, shuffle_buffer: int = 256, seed: int = 0,
+                 resampled: bool = False):
+        super().__init__()
+        self.urls = list(urls)
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.resampled = resampled
+        self.state = StreamState()
+
+    def _reader_samples(self) -> tuple[Iterator[dict[str, Any]], int, int]:
+        rank, _, worker, _ = reader_ids(self.state.worker_offset)
+        return self._source_samples(self.urls, self.seed, rank, worker), rank, worker
+
+    def _source_samples(self, urls: list[str], seed: int | str, rank: int, worker: int) -> Iterator[dict[str, Any]]:
+        """This reader's raw samples of one set of shards: split by rank then worker, or resampled from all."""
+        if not self.resampled:
+            return reader_samples(urls, self.shuffle, seed, self.state.epoch, self.state.worker_offset)[0]
+        rng = random.Random(f"{seed}-{self.state.epoch}-{rank}-{worker}-shards")
+        return self._raw_samples(resampled_urls(urls, rng))
+
+    def _raw_samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+        yield from raw_samples(urls)
+
+    def _shuffled(self, items: Iterator[Any], rng: random.Random) -> Iterator[Any]:
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from items
+            return
+        buf: list[Any] = []
+        for s in items:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def _skip(self, worker: int) -> int:
+        """Items this worker had produced in this epoch before the checkpoint (0 when not resuming)."""
+        return (self.state.positions or {}).get(worker, 0)
+
+
+class ClipStream(ShardStream):
     """Iterable of {"frames": uint8 (Tc, S, S, 3) or "codes": int64 (Tc, h, w), "caption", "key", "num_skipped",
     "source", "position": (epoch, worker, pos)}. `source` is 0 here; `MixedClipStream` sets it per sample.
 
@@ -249,46 +323,14 @@ class ClipStream(IterableDataset):
 
     def __init__(self, urls: list[str], clip: ClipSpec, shuffle: bool = True, shuffle_buffer: int = 256,
                  seed: int = 0, tokens: Optional[dict[str, Any]] = None, resampled: bool = False):
-        super().__init__()
-        self.urls = list(urls)
+        super().__init__(urls, shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed, resampled=resampled)
         self.clip = clip
         self.tokens = tokens
-        self.shuffle = shuffle
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.resampled = resampled
-        self.state = StreamState()
-
-    def _reader_samples(self) -> tuple[Iterator[dict[str, Any]], int, int]:
-        rank, _, worker, _ = reader_ids()
-        return self._source_samples(self.urls, self.seed, rank, worker), rank, worker
-
-    def _source_samples(self, urls: list[str], seed: int | str, rank: int, worker: int) -> Iterator[dict[str, Any]]:
-        """This reader's raw samples of one set of shards: split by rank then worker, or resampled from all."""
-        if not self.resampled:
-            return reader_samples(urls, self.shuffle, seed, self.state.epoch)[0]
-        rng = random.Random(f"{seed}-{self.state.epoch}-{rank}-{worker}-shards")
-        return self._raw_samples(resampled_urls(urls, rng))
-
-    def _raw_samples(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
-        yield from raw_samples(urls)
-
-    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        if not self.shuffle or self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buf: list[dict] = []
-        for s in samples:
-            buf.append(s)
-            if len(buf) >= self.shuffle_buffer:
-                yield buf.pop(rng.randrange(len(buf)))
-        rng.shuffle(buf)
-        yield from buf
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         samples, rank, worker = self._reader_samples()
         epoch = self.state.epoch
-        skip = (self.state.positions or {}).get(worker, 0)
+        skip = self._skip(worker)
         rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
         num_skipped = 0
         for pos, raw in enumerate(self._shuffled(samples, rng), start=1):
@@ -360,7 +402,7 @@ class MixedClipStream(ClipStream):
         return self.seed if i == 0 else f"{self.seed}-source{i}"
 
     def _reader_samples(self) -> tuple[Iterator[dict[str, Any]], int, int]:
-        rank, _, worker, _ = reader_ids()
+        rank, _, worker, _ = reader_ids(self.state.worker_offset)
         streams = [self._source_samples(urls, self._source_seed(i), rank, worker)
                    for i, (urls, _) in enumerate(self.sources)]
         # Its own rng, not the shuffle buffer's: with one source the draws must leave the buffer's order unchanged.

@@ -94,12 +94,19 @@ class PretrainModule(L.LightningModule):
         checkpoint["data_skipped_total"] = self._skipped_total
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        rng = checkpoint.get("rng_states")
+        # Applied in on_train_start, not here: between the restore and the first step Lightning creates the training
+        # DataLoader iterator, which draws its worker base seed from the global torch RNG. The uninterrupted run made
+        # that draw at the epoch's start, before the state saved at step N; restoring after it keeps steps N+1...
+        # on the uninterrupted run's random numbers (the CVAE's posterior samples, dropout).
+        self._pending_rng_states = checkpoint.get("rng_states")
+        self._skipped_total = int(checkpoint.get("data_skipped_total", 0))
+
+    def on_train_start(self) -> None:
+        rng, self._pending_rng_states = getattr(self, "_pending_rng_states", None), None
         if rng is not None:
             torch.set_rng_state(rng["torch"])
             _np_state_from_tensors(rng["numpy"])
             _py_state_from_ints(rng["python"].tolist())
-        self._skipped_total = int(checkpoint.get("data_skipped_total", 0))
 
     # ---- steps ----
     def tokenize(self, batch: dict[str, Any]):
