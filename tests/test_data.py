@@ -240,7 +240,7 @@ def test_batches_per_epoch_sets_the_epoch_and_resumes(synthetic_shards, resample
     b.load_state_dict(a.state_dict())
     assert b.state_dict()["consumed_batches"] == 2
     assert [batch["key"] for batch in b] == epoch0[2:]  # the rest of the epoch, exactly, and no more
-    assert b.state_dict() == {"epoch": 1, "positions": {}, "consumed_batches": 0}
+    assert b.state_dict() == {"epoch": 1, "positions": {}, "consumed_batches": 0, "world_size": 1}
 
 
 def test_fewer_shards_than_readers_are_shared_by_sample(synthetic_shards):

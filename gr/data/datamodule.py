@@ -72,12 +72,41 @@ class ResumableLoader(DataLoader):
                 self.progress.positions[worker] = pos
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.progress.epoch, "positions": dict(self.progress.positions),
-                "consumed_batches": self.consumed_batches}
+        """This rank's progress at the top level, the world size, and with several ranks every rank's progress
+        (`ranks`, gathered: Lightning writes rank 0's checkpoint, and each rank's stream is at its own place).
+
+        Lightning calls this on every rank while it builds a checkpoint, so the gather is matched on all ranks."""
+        local = {"epoch": self.progress.epoch, "positions": dict(self.progress.positions),
+                 "consumed_batches": self.consumed_batches}
+        rank, world = _rank_world()
+        state = {**local, "world_size": world}
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, local)
+            state["ranks"] = gathered
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore this rank's progress. A checkpoint from another world size is refused: each rank's shards and
+        positions would be another rank's, so samples would be repeated or lost."""
+        rank, world = _rank_world()
+        if "world_size" not in state and world > 1:  # written before per-rank positions: only rank 0's is there
+            raise ConfigError(f"resume: the checkpoint's data position has no per-rank entries for {world} ranks "
+                              "(written by an older gr); resuming would give every rank rank 0's position")
+        saved = int(state.get("world_size", 1))
+        if saved != world:
+            raise ConfigError(f"resume: the checkpoint's data position was saved by {saved} process(es), this run "
+                              f"has {world}; resume with {saved}, or start a new run from its weights (init_from)")
+        if world > 1:
+            state = state["ranks"][rank]
         self.progress = StreamState(int(state["epoch"]), {int(k): int(v) for k, v in state["positions"].items()})
         self.consumed_batches = int(state.get("consumed_batches", 0))
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class ClipStreamLoader(ResumableLoader):

@@ -89,8 +89,16 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_pending_losses()  # never write a checkpoint past a non-finite loss not yet read back
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": _np_state_to_tensors(),
-                                    "python": torch.tensor(list(_py_state_ints()), dtype=torch.int64)}
+        rng = {"torch": torch.get_rng_state(), "numpy": _np_state_to_tensors(),
+               "python": torch.tensor(list(_py_state_ints()), dtype=torch.int64)}
+        checkpoint["rng_states"] = rng  # this rank's (rank 0's in the written file)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # Every rank draws its own random numbers (CVAE samples, dropout): keep each rank's state. Lightning
+            # calls this hook on every rank while building the checkpoint, so the gather is matched.
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rng)
+            checkpoint["rng_states_per_rank"] = gathered
         checkpoint["data_skipped_total"] = self._skipped_total
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -98,7 +106,10 @@ class PretrainModule(L.LightningModule):
         # DataLoader iterator, which draws its worker base seed from the global torch RNG. The uninterrupted run made
         # that draw at the epoch's start, before the state saved at step N; restoring after it keeps steps N+1...
         # on the uninterrupted run's random numbers (the CVAE's posterior samples, dropout).
-        self._pending_rng_states = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("rng_states_per_rank")
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            else 0
+        self._pending_rng_states = per_rank[rank] if per_rank and rank < len(per_rank) else checkpoint.get("rng_states")
         self._skipped_total = int(checkpoint.get("data_skipped_total", 0))
 
     def on_train_start(self) -> None:
