@@ -9,6 +9,13 @@ length of a run. Validation streams are one deterministic pass over a fixed numb
 
 Bad videos are skipped, logged and counted (`num_skipped` travels with the next frame). A source that yields no frame
 in a whole pass is an error naming the source.
+
+Resume: every frame carries `position` = (0, worker, frames this worker has produced), and the training loader is a
+`ResumableLoader`. With `exact_resume` (the default) a restarted worker replays its stream from the start and drops
+the frames already consumed: the run continues on the uninterrupted run's frames, at the cost of decoding the
+consumed frames once more (the buffer holds decoded frames, so there is nothing cheaper to skip). For very long runs
+`exact_resume: false` instead reseeds the stream with the number of consumed batches: instant, fresh frames, not the
+same ones.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from typing import Any, Iterator, Optional
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from gr.config import ConfigError, as_config
-from gr.data.shards import expand_urls, reader_ids, split_for_reader
+from gr.data.datamodule import ResumableLoader
+from gr.data.shards import StreamState, expand_urls, reader_ids, split_for_reader
 from gr.data.video_io import VideoDecodeError, get_frames_min_size, open_video, resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -52,7 +60,7 @@ def _video_members(raw: dict[str, Any], views: Optional[list[str]]) -> list[str]
 
 
 class FrameStream(IterableDataset):
-    """Iterable of {"frame": uint8 (S, S, 3), "key", "num_skipped"}.
+    """Iterable of {"frame": uint8 (S, S, 3), "key", "num_skipped", "position"}.
 
     Args:
         sources: frame sources (shards already expanded in `urls`), as (urls, weight, views, name) tuples.
@@ -63,22 +71,27 @@ class FrameStream(IterableDataset):
         shuffle_buffer: frames held in the shuffle buffer per worker (1: no shuffling).
         max_frames: stop after this many frames (validation).
         seed: base seed.
+        exact_resume: skip the `state.positions` frames already consumed (replaying them); else reseed with
+            `resume_tag` and skip nothing.
     """
 
     def __init__(self, sources: list[tuple[list[str], float, Optional[list[str]], str]], image_size: int,
                  min_size: int = 1, frames_per_video: int = 4, endless: bool = True, shuffle_buffer: int = 512,
-                 max_frames: Optional[int] = None, seed: int = 0):
+                 max_frames: Optional[int] = None, seed: int = 0, exact_resume: bool = True):
         super().__init__()
         self.sources = sources
         self.image_size, self.min_size = image_size, min_size
         self.frames_per_video, self.endless = frames_per_video, endless
         self.shuffle_buffer, self.max_frames, self.seed = shuffle_buffer, max_frames, seed
-        self.resume_tag = 0  # batches consumed before a resume: reseeds the stream so it does not replay frames
+        self.exact_resume = exact_resume
+        self.resume_tag = 0  # with exact_resume off: batches consumed before a resume, reseeding the stream
+        self.state = StreamState()  # set by ResumableLoader: consumed frames per worker, worker offset
 
     def _my_urls(self, urls: list[str], epoch: int) -> list[str]:
-        mine, _, _ = split_for_reader(urls, self.endless, f"{self.seed}-{self.resume_tag}", epoch)
+        offset = self.state.worker_offset
+        mine, _, _ = split_for_reader(urls, self.endless, f"{self.seed}-{self.resume_tag}", epoch, offset)
         if not mine and self.endless:  # fewer shards than readers: share one rather than starve
-            rank, _, worker, num_workers = reader_ids()
+            rank, _, worker, num_workers = reader_ids(offset)
             mine = [urls[(rank * num_workers + worker) % len(urls)]]
         return mine
 
@@ -144,9 +157,14 @@ class FrameStream(IterableDataset):
                 del iters[i]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        rng = random.Random(f"{self.seed}-{self.resume_tag}-{rank}-{info.id if info else 0}")
+        rank, _, worker, _ = reader_ids(self.state.worker_offset)
+        skip = (self.state.positions or {}).get(worker, 0) if self.exact_resume else 0
+        for pos, item in enumerate(self._buffered(rank, worker), start=1):
+            if pos > skip:  # resume: the first `skip` frames were consumed before the checkpoint
+                yield {**item, "position": torch.tensor([0, worker, pos])}
+
+    def _buffered(self, rank: int, worker: int) -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"{self.seed}-{self.resume_tag}-{rank}-{worker}")
         buf: list[dict[str, Any]] = []
         count = 0
         for item in self._mixed(rng):
@@ -163,9 +181,12 @@ class FrameStream(IterableDataset):
 
 
 def collate_frames(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"frames": torch.stack([s["frame"] for s in samples]),  # (B, S, S, 3) uint8
-            "key": [s["key"] for s in samples],
-            "num_skipped": sum(s["num_skipped"] for s in samples)}  # a host int: no device sync to read it
+    out = {"frames": torch.stack([s["frame"] for s in samples]),  # (B, S, S, 3) uint8
+           "key": [s["key"] for s in samples],
+           "num_skipped": sum(s["num_skipped"] for s in samples)}  # a host int: no device sync to read it
+    if all("position" in s for s in samples):
+        out["position"] = torch.stack([s["position"] for s in samples])  # (B, 3): 0, worker, frames so far
+    return out
 
 
 class FrameDataModule(L.LightningDataModule):
@@ -182,12 +203,16 @@ class FrameDataModule(L.LightningDataModule):
         shuffle_buffer: per-worker frame shuffle buffer.
         num_val_frames: held-out frames per validation.
         seed: sampling seed.
+        exact_resume: a resumed run continues on exactly the uninterrupted run's frames, by replaying (decoding)
+            the frames consumed before the checkpoint once; false: reseed instead (instant, other frames).
     """
 
     def __init__(self, train_sources: list[FrameSource], val_sources: Optional[list[FrameSource]] = None,
                  frames_per_video: int = 4, batch_size: int = 32, num_workers: int = 2, shuffle_buffer: int = 512,
-                 num_val_frames: int = 256, seed: int = 0):
+                 num_val_frames: int = 256, seed: int = 0, exact_resume: bool = True):
         super().__init__()
+        self.exact_resume = exact_resume
+        self._train_loader: Optional[ResumableLoader] = None
         if not train_sources:
             raise ConfigError("data.train_sources: at least one frame source is needed")
         for name, value in (("frames_per_video", frames_per_video), ("batch_size", batch_size),
@@ -229,11 +254,14 @@ class FrameDataModule(L.LightningDataModule):
                     pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        size, factor = self._sizes()
-        ds = FrameStream(self.train_sources, size, factor, self.frames_per_video, endless=True,
-                         shuffle_buffer=self.shuffle_buffer, seed=self.seed)
-        ds.resume_tag = self._consumed_batches  # a resumed run draws fresh frames rather than replaying them
-        return DataLoader(ds, drop_last=True, **self._kwargs())
+        if self._train_loader is None:  # one loader for the run: its progress is checkpointed
+            size, factor = self._sizes()
+            ds = FrameStream(self.train_sources, size, factor, self.frames_per_video, endless=True,
+                             shuffle_buffer=self.shuffle_buffer, seed=self.seed, exact_resume=self.exact_resume)
+            self._train_loader = ResumableLoader(ds, drop_last=True, **self._kwargs())
+        if not self.exact_resume:  # a resumed run draws fresh frames rather than replaying them
+            self._train_loader.dataset.resume_tag = self._consumed_batches
+        return self._train_loader
 
     def val_dataloader(self):
         if not self.val_sources:
@@ -249,6 +277,8 @@ class FrameDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:
             self._consumed_batches += 1
+            if self._train_loader is not None and "position" in batch:
+                self._train_loader.mark_consumed(batch["position"])
         return batch
 
     def state_dict(self) -> dict[str, Any]:
