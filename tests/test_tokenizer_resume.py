@@ -1,5 +1,5 @@
 """Tokenizer training resumes exactly: the frame stream continues on the uninterrupted run's frames (0, 1 and 2
-workers), and a tokenizer fit stopped and resumed from its checkpoint ends with the uninterrupted run's weights."""
+workers), and a tokenizer fit killed 5 times in a row and resumed ends with the uninterrupted run's weights."""
 
 from types import SimpleNamespace
 
@@ -49,43 +49,35 @@ def test_frame_stream_resumes_on_the_same_frames(synthetic_shards, num_workers):
     assert [b["key"] for b in take(fast2, 3)] != [b["key"] for b in ref[3:6]]
 
 
-def _no_val(path):
+def test_tokenizer_fit_survives_five_sigkills(synthetic_shards, tmp_path):
+    """A tokenizer fit (GAN on from step 2, 2 DataLoader workers) killed with SIGKILL at 5 seeded random steps in a
+    row, resumed each time from `--ckpt_path last`, ends with the uninterrupted run's weights."""
     import yaml
 
-    cfg = yaml.safe_load(open(path))
-    cfg["trainer"]["limit_val_batches"] = 0
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return str(path)
+    from tests.kill_chain import kill_steps, run_with_kills
 
+    args = {**TOKENIZER_ARGS, "optim": {**TOKENIZER_ARGS["optim"], "total_steps": 10}}  # one schedule for all runs
 
-def test_tokenizer_fit_resume_ends_with_the_uninterrupted_weights(synthetic_shards, tmp_path):
-    from gr.cli import main
+    def config(name):
+        root = tmp_path / name
+        path = _config(tmp_path / f"{name}.yaml", synthetic_shards, str(root), 10, model_args=args)
+        cfg = yaml.safe_load(open(path))
+        cfg["trainer"]["limit_val_batches"] = 0
+        cfg["data"]["init_args"]["num_workers"] = 2
+        cfg["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=1, filename="step{step:06d}",
+                                                           auto_insert_metric_name=False)
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        return path, root
 
-    args = {**TOKENIZER_ARGS, "optim": {**TOKENIZER_ARGS["optim"], "total_steps": 6}}  # one schedule for all runs
-
-    def tokenizer_config(*a):
-        return _no_val(_config(*a, model_args=args))
-
-    ref = tmp_path / "ref"
-    main(["tokenizer", "fit", "--config", tokenizer_config(tmp_path / "ref.yaml", synthetic_shards, str(ref), 6)])
-    first = tmp_path / "first"
-    main(["tokenizer", "fit", "--config", tokenizer_config(tmp_path / "first.yaml", synthetic_shards, str(first), 4)])
-    resumed = tmp_path / "resumed"
-    main(["tokenizer", "fit", "--config", tokenizer_config(tmp_path / "res.yaml", synthetic_shards, str(resumed), 6),
-          f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}"])
-    mid_ref = torch.load(ref / "checkpoints" / "epoch=0-step=4.ckpt", weights_only=True)["state_dict"]
-    mid = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert all(torch.equal(mid[k], v) for k, v in mid_ref.items())  # the same run up to the stop
+    (ref_cfg, ref), (chain_cfg, chain) = config("ref"), config("chain")
+    run_with_kills("train.py", ref_cfg, str(ref / "checkpoints"), [])
+    steps = kill_steps(2, 10, 5)
+    run_with_kills("train.py", chain_cfg, str(chain / "checkpoints"), steps)
     want = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=True)
-    got = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert want["global_step"] == got["global_step"] and got["state_dict"].keys() == want["state_dict"].keys()
-    # GAN on from step 2: generator and discriminator both trained across the resume. float32 conv kernels on a
-    # shared CPU may differ in the last bit, which 2 more Adam steps can grow; a replayed or reseeded stream moves
-    # the weights by far more (see the check below).
+    got = torch.load(chain / "checkpoints" / "last.ckpt", weights_only=True)
+    assert want["global_step"] == got["global_step"] == 10 and got["state_dict"].keys() == want["state_dict"].keys()
+    # float32 conv kernels on a shared CPU may differ in the last bit, which later Adam steps can grow; a replayed or
+    # reseeded frame stream moves the weights by ~1e-3 (the exact_resume: false run in development: 87% of conv_in).
     for k, v in want["state_dict"].items():
-        torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    start = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    moved = max(float((want["state_dict"][k].float() - start[k].float()).abs().max()) for k in start
-                if start[k].is_floating_point())
-    assert moved > 1e-3  # the two resumed steps did change the weights
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m} {steps}")

@@ -1,0 +1,55 @@
+"""SIGKILL a training run at seeded random steps, several times in a row, resuming each time from `--ckpt_path last`,
+and return every loss it logged, so a test can compare the whole sequence with an uninterrupted run's.
+
+A run is started in its own session and killed as a process group (all its DataLoader workers with it) as soon as the
+checkpoint of its kill step is on disk; the next run resumes from the newest complete `last.ckpt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start(script: str, cfg: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(REPO, script), "fit", "--config", cfg, *extra], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def kill_steps(seed: int, last_step: int, kills: int) -> list[int]:
+    """`kills` distinct increasing steps in [1, last_step - 1], drawn with `seed`."""
+    return sorted(random.Random(seed).sample(range(1, last_step), kills))
+
+
+def run_with_kills(script: str, cfg: str, ckpt_dir: str, steps: list[int], timeout: float = 600) -> None:
+    """Run `cfg` (whose max_steps is the full run and which checkpoints every step into `ckpt_dir`), killing it with
+    SIGKILL once `step{k:06d}.ckpt` exists for each k in `steps`, then let the last resume finish."""
+    for i, k in enumerate(steps + [None]):
+        proc = start(script, cfg, *(["--ckpt_path", "last"] if i else []))
+        if k is None:
+            assert proc.wait(timeout=timeout) == 0, proc.stderr.read().decode()[-3000:]
+            return
+        target = os.path.join(ckpt_dir, f"step{k:06d}.ckpt")
+        deadline = time.time() + timeout
+        while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert os.path.exists(target), f"kill {i + 1} at step {k}: " + proc.stderr.read().decode()[-3000:]
+
+
+def logged_losses(root: str) -> dict[int, list[float]]:
+    """Every loss RunSummary appended to `<root>/summary/losses.jsonl`, by step (a replayed step appears again)."""
+    out: dict[int, list[float]] = {}
+    with open(os.path.join(root, "summary", "losses.jsonl")) as f:
+        for row in map(json.loads, f):
+            out.setdefault(row["step"], []).append(row["loss"])
+    return out
