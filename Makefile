@@ -8,7 +8,7 @@ STAMP := $(VENV)/.gr-installed
 APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libosmesa6 libglfw3
 PYTEST_ARGS ?=
 
-.PHONY: all install apt demo experiment experiment-ood test clean-venv
+.PHONY: all install apt demo experiment experiment-ood experiment-synthetic test clean-venv
 
 all: test
 
@@ -59,6 +59,15 @@ experiment-ood: install
 	  --video-tasks $(OOD_VIDEO_TASKS) --video-episodes 6
 	$(BIN)/python -m gr.experiment --out outputs/experiment_ood --pretrained outputs/demo_ood/pretrain/checkpoints/last.ckpt \
 	  --pretrain-includes-target-tasks no --robot-data outputs/experiment/data/tokens --reuse-scratch outputs/experiment
+
+# Control: the same experiment from a pretraining on the synthetic captioned clips alone (no robot video at all),
+# same tokenizer, demos and evaluation; only the pretrained arms train (~50 min). Run after `make experiment`.
+experiment-synthetic: install
+	$(BIN)/python -m gr.demo --out outputs/demo_synthetic --skip-robot --tokenizer outputs/demo/tokenizer/export \
+	  --video-tasks none
+	$(BIN)/python -m gr.experiment --out outputs/experiment_synthetic \
+	  --pretrained outputs/demo_synthetic/pretrain/checkpoints/last.ckpt --pretrain-includes-target-tasks no \
+	  --robot-data outputs/experiment/data/tokens --reuse-scratch outputs/experiment
 
 clean-venv:
 	rm -rf $(VENV)

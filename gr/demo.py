@@ -196,6 +196,7 @@ def pretrain(out: str, sources: list[dict], tok: dict, max_steps: Optional[int])
     root = os.path.join(out, "pretrain")
     cfg = _derived_config("pretrain", root, max_steps)
     data = cfg["data"]["init_args"]
+    data["train_sources"] = data["train_sources"][:len(sources)]  # --video-tasks none: the synthetic source only
     for src, tokens in zip(data["train_sources"], sources):
         src["shards"] = tokens["train_shards"]
     data.update(val_shards=[s["val_shards"] for s in sources], shard_format="tokens")
@@ -290,7 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, default=128)
     p.add_argument("--num-frames", type=int, default=NUM_FRAMES, help="frames per synthetic clip")
     p.add_argument("--video-tasks", nargs="+", default=list(VIDEO_TASKS),
-                   help="Meta-World tasks rendered as action-free pretraining video")
+                   help="Meta-World tasks rendered as action-free pretraining video; 'none': pretrain on the "
+                        "synthetic clips alone (needs --tokenizer: the tokenizer is trained on both)"),
     p.add_argument("--video-episodes", type=int, default=VIDEO_EPISODES_PER_TASK,
                    help="robot-scene video episodes per task (each gives one clip per view)")
     p.add_argument("--tokenizer-steps", type=int, default=None, help="default: configs/demo/tokenizer.yaml")
@@ -318,29 +320,35 @@ def main(argv: list[str] | None = None) -> dict:
     from gr.envs import DEFAULT_TASKS
 
     args = parse_args(argv)
+    if args.video_tasks == ["none"] and not args.tokenizer:
+        raise SystemExit("gr demo: error: --video-tasks none needs --tokenizer (the tokenizer trains on robot frames)")
     os.makedirs(args.out, exist_ok=True)
     summary: dict = {"stages": {}}
     t0 = time.time()
     data = _timed(summary, "synthetic_data", make_data, os.path.join(args.out, "data"), args.num_train, args.num_val,
                   args.num_frames)
-    video = _timed(summary, "robot_video", make_robot_video, os.path.join(args.out, "data_video_robot"),
-                   args.video_tasks, args.video_episodes)
+    video = None
+    if args.video_tasks != ["none"]:
+        video = _timed(summary, "robot_video", make_robot_video, os.path.join(args.out, "data_video_robot"),
+                       args.video_tasks, args.video_episodes)
     robot_tasks = args.robot_tasks or list(DEFAULT_TASKS)
     demos = _timed(summary, "robot_demos", robot_demos, args.out, args.robot_demos, max(1, args.robot_demos // 10),
                    robot_tasks)
-    summary["pretrain_includes_target_tasks"] = sorted(set(robot_tasks) & set(args.video_tasks))
+    summary["pretrain_includes_target_tasks"] = sorted(set(robot_tasks) & set(args.video_tasks if video else []))
     if args.tokenizer:
         tok = _timed(summary, "tokenizer", reuse_tokenizer, args.tokenizer, data, demos)
     else:
         tok = _timed(summary, "tokenizer", train_tokenizer, args.out, data, video, demos, args.tokenizer_steps)
     image_size = int(_derived_config("pretrain", "", None)["model"]["init_args"]["model"]["clip"]["image_size"])
-    sources = [_timed(summary, "pretokenize", pretokenize, args.out, "data_tokens", data, tok, image_size),
-               _timed(summary, "pretokenize_robot_video", pretokenize, args.out, "data_video_robot_tokens", video,
-                      tok, image_size, VIDEO_FPS)]
+    sources = [_timed(summary, "pretokenize", pretokenize, args.out, "data_tokens", data, tok, image_size)]
+    if video:
+        sources.append(_timed(summary, "pretokenize_robot_video", pretokenize, args.out, "data_video_robot_tokens",
+                              video, tok, image_size, VIDEO_FPS))
     pre = _timed(summary, "pretrain", pretrain, args.out, sources, tok, args.max_steps)
     first, last = pre["first_train_loss"], pre["last_train_loss"]
     pre["train_loss_drop"] = round(1.0 - last / first, 4) if first else None
-    summary["num_clips"] = data["num_train"] + data["num_val"] + video["num_train_clips"] + video["num_val_clips"]
+    summary["num_clips"] = data["num_train"] + data["num_val"] + (
+        video["num_train_clips"] + video["num_val_clips"] if video else 0)
     # Acceptance checks, computed from the measured values (never forced).
     summary["checks"] = {"train_loss_drop_ge_30pct": bool(pre["train_loss_drop"] and pre["train_loss_drop"] >= 0.30),
                          "val_token_acc_over_10x_chance": pre.get("val/token_acc", 0.0) > 10 * pre["chance_token_acc"],
@@ -350,9 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary["checkpoint"] = pre["last_checkpoint"]
     if not args.skip_robot:
         robot_stages(args, summary, tok, demos, pre["last_checkpoint"], image_size)
-    ro = _timed(summary, "rollouts", rollouts, args.out, pre["last_checkpoint"],
-                {"video": (data["val_shards"], ROLLOUT_FRAMES),
-                 "robot_video": (video["val_shards"], ROBOT_VIDEO_ROLLOUT_FRAMES)},
+    video_val = {"video": (data["val_shards"], ROLLOUT_FRAMES)}
+    if video:
+        video_val["robot_video"] = (video["val_shards"], ROBOT_VIDEO_ROLLOUT_FRAMES)
+    ro = _timed(summary, "rollouts", rollouts, args.out, pre["last_checkpoint"], video_val,
                 summary.get("finetuned_checkpoint"), summary.get("robot_val_shards"))
     tv = ro["video"]
     summary["checks"]["pretrained_beats_copy_last_psnr_first4"] = tv["mean_psnr_first4"] > tv["mean_psnr_copy_last_first4"]

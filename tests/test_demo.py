@@ -52,12 +52,13 @@ def test_demo_stages_run_and_report(tmp_path):
         v["psnr"] > v["psnr_copy_last"] for v in views.values())
     assert os.path.isfile(ro["robot"]["action_plots"][0]) and len(ro["robot"]["metrics"]["ssim"]) >= 1
 
-    # A second corpus tokenized with the first run's VQGAN (what `make experiment-ood` does): nothing is trained for
-    # the tokenizer, its held-out PSNR is measured again, and the pretraining names the same tokenizer files.
+    # A second corpus tokenized with the first run's VQGAN (what `make experiment-ood` does), here the synthetic
+    # clips alone (`make experiment-synthetic`): nothing is trained for the tokenizer, its held-out PSNR is measured
+    # again, the pretraining has one source and names the same tokenizer files.
     export = os.path.dirname(tok["checkpoint"])
     again = main(["--out", str(tmp_path / "ood"), "--num-train", "64", "--num-val", "16", "--num-frames", "6",
                   "--max-steps", "2", "--robot-demos", "2", "--robot-tasks", "coffee-button-v3", "--skip-robot",
-                  "--video-tasks", "reach-v3", "--video-episodes", "1", "--tokenizer", export])
+                  "--video-tasks", "none", "--tokenizer", export])  # the synthetic clips alone
     reused = again["stages"]["tokenizer"]
     assert reused["reused_from"] == export and reused["checkpoint"] == tok["checkpoint"]
     # Measured on this run's held-out frames (which frames are drawn depends on the shard paths) with the same VQGAN.
@@ -68,6 +69,8 @@ def test_demo_stages_run_and_report(tmp_path):
     assert robot_frame_psnr(vq, again["stages"]["robot_demos"]["val_shards"], 64, ["head", "wrist"], "psnr_robot") == {
         k: reused[k] for k in ("psnr_robot_head_db", "psnr_robot_wrist_db")}
     assert not (tmp_path / "ood" / "tokenizer").exists() and "tokenizer_psnr_gain_ge_6db" not in again["checks"]
-    assert again["pretrain_includes_target_tasks"] == []
+    assert again["pretrain_includes_target_tasks"] == [] and "robot_video" not in again["stages"]
+    assert [src["weight"] for src in again["stages"]["pretrain"]["train_sources"]] == [1.0]
+    assert "robot_video" not in again["stages"]["rollouts"] and again["num_clips"] == 64 + 16
     hp = torch.load(again["checkpoint"], weights_only=True)["hyper_parameters"]
     assert hp["image_tokenizer"]["checkpoint"] == tok["checkpoint"]
