@@ -159,6 +159,15 @@ def test_reuse_scratch_takes_matching_arms_only(finished, tiny_setup, tmp_path, 
     assert scratch["reused_from"] == {"experiment": str(first_out / "experiment.json"), "arm": "scratch_d2_s0"}
     assert scratch["episodes"] == first["arms"]["scratch_d2_s0"]["episodes"]
     assert res["summary"]["by_arm"]["scratch"] == first["summary"]["by_arm"]["scratch"]
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from experiment_compare import compare  # the README's comparison table of corpora sharing scratch arms
+
+    rows = compare([("first", first), ("other", res)]).splitlines()
+    assert len(rows) == 2 + 3 and rows[2].startswith("| none (scratch) | 2 |") and rows[4].startswith("| other | 2 |")
+    changed = json.loads(json.dumps(first))
+    changed["arms"]["scratch_d2_s0"]["episodes"][TASK][0]["success"] ^= True
+    with pytest.raises(SystemExit, match="other scratch arms"):
+        compare([("first", first), ("changed", changed)])
 
     copy = tmp_path / "copy"
     shutil.copytree(first_out, copy, ignore=shutil.ignore_patterns("wandb", "checkpoints", "eval"))
