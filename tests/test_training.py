@@ -9,6 +9,7 @@ import torch
 from gr.training.optim import param_groups, warmup_cosine
 from gr.training.pretrain import PretrainModule
 from tests.conftest import module_init_args, write_config
+from tests.test_pretokenized import tiny_vqgan, token_shards  # noqa: F401 - fixtures, used by name
 
 
 @pytest.fixture(scope="module")
@@ -93,19 +94,38 @@ def _losses(root: str) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-def test_five_sigkills_then_resume_match_the_uninterrupted_run(synthetic_shards, tmp_path):
-    """Killed with SIGKILL at 5 seeded random steps in a row (2 DataLoader workers), resumed each time from
-    `--ckpt_path last`: every loss logged, replayed steps included, equals the uninterrupted run's."""
+def test_five_sigkills_then_resume_match_the_uninterrupted_run(token_shards, tiny_vqgan, tmp_path):
+    """Pretraining on two pre-tokenized sources mixed by weight (2 DataLoader workers), killed with SIGKILL at 5
+    seeded random steps in a row and resumed each time from `--ckpt_path last`: every loss logged, replayed steps
+    included, equals the uninterrupted run's. (Video shards: tests/test_resume_dist.py and the loader tests.)"""
+    import yaml
+
+    from gr.data.shards import expand_urls
+    from tests.conftest import TINY_TOKENIZER
     from tests.kill_chain import kill_steps, logged_losses, run_with_kills
 
+    urls = expand_urls(token_shards["train_shards"], "train")
     optim = {"lr": 3e-3, "warmup_steps": 2, "total_steps": 12}  # schedule independent of max_steps
-    kw = dict(every_n_steps=1, num_workers=2, val=False, optim=optim)
-    ref_root, chain_root = str(tmp_path / "ref"), str(tmp_path / "chain")
-    run_with_kills("train.py", write_config(tmp_path / "ref.yaml", synthetic_shards, ref_root, max_steps=12, **kw),
-                   os.path.join(ref_root, "checkpoints"), [])
+
+    def config(name):
+        root = str(tmp_path / name)
+        path = write_config(tmp_path / f"{name}.yaml", token_shards, root, max_steps=12, every_n_steps=1,
+                            num_workers=2, val=False, optim=optim)
+        cfg = yaml.safe_load(open(path))
+        data = cfg["data"]["init_args"]
+        del data["train_shards"]
+        data.update(shard_format="tokens", train_sources=[{"shards": urls[:3], "weight": 1.0},
+                                                          {"shards": urls[3:], "weight": 2.0}])
+        cfg["model"]["init_args"]["image_tokenizer"] = {**TINY_TOKENIZER, "checkpoint": tiny_vqgan[0],
+                                                        "yaml": tiny_vqgan[1]}
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        return str(path), root
+
+    (ref_cfg, ref_root), (chain_cfg, chain_root) = config("ref"), config("chain")
+    run_with_kills("train.py", ref_cfg, os.path.join(ref_root, "checkpoints"), [])
     steps = kill_steps(0, 12, 5)
-    run_with_kills("train.py", write_config(tmp_path / "chain.yaml", synthetic_shards, chain_root, max_steps=12, **kw),
-                   os.path.join(chain_root, "checkpoints"), steps)
+    run_with_kills("train.py", chain_cfg, os.path.join(chain_root, "checkpoints"), steps)
     want, got = logged_losses(ref_root), logged_losses(chain_root)
     assert sorted(got) == list(range(1, 13)) and sum(len(v) for v in got.values()) >= 12
     # Exact in an idle run; under concurrent load oneDNN/BLAS may differ in the last float32 bit (seen: 7e-8 rel).
