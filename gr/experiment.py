@@ -420,7 +420,9 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
         return (0.0, 1.0)
     p = k / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n)))
+    lo, hi = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    # Exactly 0 (k = 0) and 1 (k = n) in closed form; the float formula gives 1e-17 and 1 - 1e-16 for some n.
+    return (0.0 if k == 0 else max(0.0, lo), 1.0 if k == n else min(1.0, hi))
 
 
 def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
@@ -504,8 +506,9 @@ def plot(summary: dict[str, Any], path: str) -> None:
         for i, (arm, levels) in enumerate(sorted(summary["by_arm"].items())):
             xs = sorted(int(d) for d in levels)
             ys = [levels[str(d)][group]["success"] for d in xs]
-            err = [[y - levels[str(d)][group]["ci95"][0] for d, y in zip(xs, ys)],
-                   [levels[str(d)][group]["ci95"][1] - y for d, y in zip(xs, ys)]]
+            # Clamped at 0: at 0% or 100% the Wilson bound equals the rate up to float rounding (1 - 1e-16).
+            err = [[max(0.0, y - levels[str(d)][group]["ci95"][0]) for d, y in zip(xs, ys)],
+                   [max(0.0, levels[str(d)][group]["ci95"][1] - y) for d, y in zip(xs, ys)]]
             shift = 1.0 + 0.04 * (i - 0.5)  # arms side by side on the log axis
             ax.errorbar([x * shift for x in xs], ys, yerr=err, marker="o", capsize=3, label=arm)
             for d in xs:
@@ -653,10 +656,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def finish(results: dict, args: argparse.Namespace, path: str, png: str, wall_seconds: float) -> None:
     results["summary"] = summarize(results["arms"], args.tasks, args.eval_only_tasks)
     results["wall_seconds"] = round(wall_seconds, 1)
+    save_json(path, results)  # before the plot: a plotting failure must not lose a finished arm
     if results["arms"]:
         plot(results["summary"], png)
         results["plot"] = os.path.abspath(png)
-    save_json(path, results)
+        save_json(path, results)
 
 
 if __name__ == "__main__":

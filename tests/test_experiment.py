@@ -100,6 +100,20 @@ def test_interval_formulas():
     assert rounded(newcombe(56, 70, 48, 80)) == (0.0524, 0.3339) and rounded(newcombe(9, 10, 3, 10)) == (0.1705, 0.809)
 
 
+def test_all_or_no_success_intervals_and_plot(tmp_path):
+    """0% and 100% cells: the Wilson bounds are exactly 0 and 1 (the float formula gave 1 - 1e-16 at n = 10, which
+    made matplotlib refuse a negative error bar and killed an experiment after its arm had finished)."""
+    from gr.experiment import plot, summarize
+
+    assert all(wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0 for n in range(1, 200))
+    episodes = lambda ok: {TASK: [{"success": ok, "seed": i} for i in range(10)]}  # noqa: E731
+    arms = {f"{arm}_d5_s0": {"arm": arm, "demos": 5, "seed": 0, "episodes": episodes(arm == "pretrained")}
+            for arm in ("pretrained", "scratch")}
+    summary = summarize(arms, [TASK], [])
+    plot(summary, str(tmp_path / "p.png"))
+    assert os.path.getsize(tmp_path / "p.png") > 1000
+
+
 def test_resume_skips_finished_arms(finished, tiny_setup, monkeypatch):
     import gr.experiment as experiment
 
