@@ -22,7 +22,8 @@ from gr.data.shards import ClipStream, MixedClipStream, expand_urls, raw_samples
 from gr.data.video_io import encode_mp4
 from tests.conftest import write_config
 from tests.test_data import _tar_with
-from tests.test_training import _fit, _losses
+from tests.kill_chain import start
+from tests.test_training import _losses
 
 CLIP = ClipSpec(num_history=2, future_frame_offset=1, fps=8.0, image_size=32)
 
@@ -223,17 +224,17 @@ def test_two_source_pretraining_resumes_after_sigkill(synthetic_shards, tmp_path
     kill_root = str(tmp_path / "killed")
     # The run to be killed goes on past its step-3 checkpoint: its own losses after it are the uninterrupted
     # sequence that the resumed run must repeat (the schedule does not depend on max_steps).
-    killed = _fit(_mixed_config(tmp_path, "kill.yaml", synthetic_shards, kill_root, max_steps=10_000))
+    killed = start("train.py", _mixed_config(tmp_path, "kill.yaml", synthetic_shards, kill_root, max_steps=10_000))
     ckpt = os.path.join(kill_root, "checkpoints", "step000003.ckpt")
     deadline = time.time() + 240
     while not (os.path.exists(ckpt) and _last_step(kill_root) >= 6) and killed.poll() is None \
             and time.time() < deadline:
         time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
+    os.killpg(killed.pid, signal.SIGKILL)  # its DataLoader worker too
     killed.wait()
     assert os.path.exists(ckpt) and _last_step(kill_root) >= 6, killed.stderr.read().decode()[-3000:]
     resume_root = str(tmp_path / "resumed")
-    resumed = _fit(_mixed_config(tmp_path, "res.yaml", synthetic_shards, resume_root, max_steps=6),
+    resumed = start("train.py", _mixed_config(tmp_path, "res.yaml", synthetic_shards, resume_root, max_steps=6),
                    "--ckpt_path", ckpt)
     assert resumed.wait(timeout=240) == 0, resumed.stderr.read().decode()[-3000:]
     want, got = _losses(kill_root), _losses(resume_root)
