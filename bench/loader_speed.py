@@ -6,8 +6,10 @@ Prints one JSON object. All numbers come from one run on one machine, so compare
     python bench/loader_speed.py --num-clips 512 --num-workers 2
 
 Measured paths, over the same clips with the same batch size and workers:
-- `bare_decord`: decoding every frame of every mp4 with decord (reference for the decoder alone);
+- `bare_decord`: decoding every frame of every mp4 with decord in this process (reference for the decoder alone);
+- `bare_decord_sandboxed`: the same through gr's crash-isolating decoder child (gr/data/decode_sandbox.py, the default);
 - `video`: VideoDataModule(shard_format="video") batches, then FrozenVQGAN.encode on them (what training does);
+- `video_in_process`: the same with GR_DECODE_SANDBOX=0;
 - `tokens`: VideoDataModule(shard_format="tokens") batches of codes (no decoding, no encoder).
 """
 
@@ -80,6 +82,13 @@ def main(argv: list[str] | None = None) -> dict:
             dm.setup("fit")
             return dm.train_dataloader()
 
+        def in_process(fn, *a):
+            os.environ["GR_DECODE_SANDBOX"] = "0"  # read at every open_video, also by forked DataLoader workers
+            try:
+                return fn(*a)
+            finally:
+                os.environ.pop("GR_DECODE_SANDBOX")
+
         def bare() -> tuple[int, float]:
             import tarfile
 
@@ -92,10 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
                             frames += len(vr.get_batch(list(range(len(vr)))).asnumpy())
             return frames, time.perf_counter() - t
 
-        timings = {"bare_decord": [], "video": [], "tokens": []}
+        timings = {k: [] for k in ("bare_decord", "bare_decord_sandboxed", "video", "video_in_process", "tokens")}
         for _ in range(args.repeats):
-            timings["bare_decord"].append(bare())
+            timings["bare_decord"].append(in_process(bare))
+            timings["bare_decord_sandboxed"].append(bare())
             timings["video"].append(_pass(loader(data["train_shards"], "video"), vq.encode))
+            timings["video_in_process"].append(in_process(lambda: _pass(loader(data["train_shards"], "video"),
+                                                                        vq.encode)))
             timings["tokens"].append(_pass(loader(report["pattern"], "tokens")))
     best = {k: max(n / s for n, s in v) for k, v in timings.items()}
     result = {
@@ -107,7 +119,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "num_workers": args.num_workers, "clip_frames": clip.span, "grid": grid,
                      "codebook_size": vq.codebook_size, "repeats": args.repeats},
         "bare_decord_frames_per_s": round(best["bare_decord"], 1),
+        "bare_decord_sandboxed_frames_per_s": round(best["bare_decord_sandboxed"], 1),
+        "sandbox_decode_slowdown": round(best["bare_decord"] / best["bare_decord_sandboxed"], 3),
         "video_decode_and_tokenize_samples_per_s": round(best["video"], 2),
+        "video_in_process_samples_per_s": round(best["video_in_process"], 2),
+        "sandbox_loader_slowdown": round(best["video_in_process"] / best["video"], 3),
         "pretokenized_samples_per_s": round(best["tokens"], 2),
         "speedup_pretokenized_vs_video": round(best["tokens"] / best["video"], 2),
         "pretokenize_once_seconds": round(tokenize_s, 2),

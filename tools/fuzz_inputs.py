@@ -25,7 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def decord_crash_rate(cases: int, seed: int = 0) -> dict:
     """Byte-mutated copies of a small H.264 mp4, each opened and fully decoded by decord in a forked child: how many
-    kill the process (a signal) instead of raising."""
+    kill the process (a signal) instead of raising. Then each goes through gr's default path, the sandboxed decoder
+    (gr/data/decode_sandbox.py), in this process: every crash must come back as a VideoDecodeError and this process
+    must live through all of them."""
     import io
     import random
 
@@ -33,11 +35,13 @@ def decord_crash_rate(cases: int, seed: int = 0) -> dict:
     import numpy as np
 
     sys.path.insert(0, REPO)
-    from gr.data.video_io import encode_mp4
+    from gr.data import decode_sandbox
+    from gr.data.video_io import VideoDecodeError, encode_mp4, get_frames, open_video
 
     good = encode_mp4(np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), 8.0)
     rng = random.Random(seed)
-    counts = {"cases": cases, "crashes": 0, "python_errors": 0}
+    counts = {"cases": cases, "crashes": 0, "python_errors": 0, "sandboxed_decode_errors": 0,
+              "sandboxed_crashes_reported": 0}
     for _ in range(cases):
         data = bytearray(good)
         for _ in range(rng.randint(1, 24)):
@@ -55,6 +59,14 @@ def decord_crash_rate(cases: int, seed: int = 0) -> dict:
         _, status = os.waitpid(pid, 0)
         counts["crashes"] += int(os.WIFSIGNALED(status))
         counts["python_errors"] += int(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3)
+        try:
+            vr = open_video(data, sandbox=True)
+            get_frames(vr, range(len(vr)))
+        except VideoDecodeError as exc:
+            counts["sandboxed_decode_errors"] += 1
+            counts["sandboxed_crashes_reported"] += int("decoder process died" in str(exc))
+    counts["sandboxed_decoder_restarts"] = decode_sandbox.decoder().crashes
+    counts["sandboxed_caller_crashes"] = 0  # reached: this process decoded every case through the sandbox and lives
     return counts
 
 

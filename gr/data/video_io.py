@@ -1,4 +1,4 @@
-"""Video I/O: decode mp4 bytes with decord, encode H.264 mp4 with PyAV, resize + centre-crop, fps resampling.
+"""Video I/O: decode mp4 bytes with decord (in a crash-isolated child process, gr/data/decode_sandbox.py), encode H.264 mp4 with PyAV, resize + centre-crop, fps resampling.
 
 Frames are uint8 (T, H, W, 3) numpy arrays throughout.
 """
@@ -10,21 +10,23 @@ from fractions import Fraction
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 class VideoDecodeError(ValueError):
     """A video could not be decoded (corrupt, truncated, empty or too short)."""
 
 
-def open_video(data: bytes | str):
+def open_video(data: bytes | str, sandbox: Optional[bool] = None):
     """A decord VideoReader over mp4 bytes or a path; raises VideoDecodeError on unreadable input.
 
-    Known gap: decord kills the process (SIGSEGV) on about 1% of byte-mutated mp4s instead of raising
-    (`tools/fuzz_inputs.py --decord-crash-rate`; README, Reliability). Vetting with PyAV first was tried and still let
-    5 of 6 crashing files through, so it is not done.
+    decord kills the process (SIGSEGV) on about 1% of byte-mutated mp4s instead of raising, so by default
+    (`sandbox=None`: unless GR_DECODE_SANDBOX=0) the reader is a proxy whose decoding runs in a child process, and
+    such a crash is this video's VideoDecodeError (gr/data/decode_sandbox.py). `sandbox=False` decodes in-process.
     """
+    from gr.data import decode_sandbox
+
+    if sandbox or (sandbox is None and decode_sandbox.enabled()):
+        return decode_sandbox.SandboxedVideo(data)
     import decord
 
     try:
@@ -53,6 +55,8 @@ def get_frames(vr, indices: Sequence[int]) -> np.ndarray:
     """Decode the given frame indices -> uint8 (T, H, W, 3); raises VideoDecodeError on a broken stream."""
     try:
         frames = vr.get_batch(list(indices)).asnumpy()
+    except VideoDecodeError:  # from the decoder child, already worded
+        raise
     except Exception as exc:
         raise VideoDecodeError(f"decoding frames failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -86,6 +90,9 @@ def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:
         return frames
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - size) // 2, (nw - size) // 2
