@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep import import_hdf5, import_lerobot, import_npz
-from gr.data.video_io import encode_mp4, get_frames, open_video, resize_center_crop
+from gr.data.video_io import encode_mp4, encode_video, get_frames, open_video, resize_center_crop
 
 FPS = 10
 LENGTHS = (6, 5)  # two episodes of different lengths, so a wrong cut shows
@@ -105,13 +105,13 @@ def expect_error(main, argv: list[str], capsys, *needles: str) -> None:
 # ----------------------------------------------------------------------------------------------------- LeRobot
 
 
-def _features(views, state_dim=3, action_dim=2) -> dict:
+def _features(views, state_dim=3, action_dim=2, codec="h264") -> dict:
     feats = {"observation.state": {"dtype": "float32", "shape": [state_dim], "names": None},
              "action": {"dtype": "float32", "shape": [action_dim], "names": None}}
     for v in views:
         feats[f"observation.images.{v}"] = {
             "dtype": "video", "shape": [32, 32, 3], "names": ["height", "width", "channels"],
-            "info": {"video.fps": float(FPS), "video.height": 32, "video.width": 32, "video.codec": "h264",
+            "info": {"video.fps": float(FPS), "video.height": 32, "video.width": 32, "video.codec": codec,
                      "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "has_audio": False}}
     for k in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
         feats[k] = {"dtype": "float32" if k == "timestamp" else "int64", "shape": [1], "names": None}
@@ -169,8 +169,9 @@ def write_lerobot_v21(root: str, episodes: list[dict]) -> None:
                    encode_mp4(frames, FPS))
 
 
-def write_lerobot_v30(root: str, episodes: list[dict]) -> None:
-    """Every episode in one data parquet and one mp4 per camera, as LeRobot v3.0 packs them."""
+def write_lerobot_v30(root: str, episodes: list[dict], codec: str = "h264") -> None:
+    """Every episode in one data parquet and one mp4 per camera, as LeRobot v3.0 packs them; `codec` "av1" encodes
+    the videos as LeRobot does by default (libsvtav1)."""
     views = sorted(episodes[0]["frames"])
     info = {"codebase_version": "v3.0", "robot_type": "test_arm", "total_episodes": len(episodes),
             "total_frames": sum(len(ep["state"]) for ep in episodes), "total_tasks": len(episodes),
@@ -178,13 +179,14 @@ def write_lerobot_v30(root: str, episodes: list[dict]) -> None:
             "splits": {"train": f"0:{len(episodes)}"},
             "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
             "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
-            "features": _features(views)}
+            "features": _features(views, codec=codec)}
     _write(os.path.join(root, "meta", "info.json"), json.dumps(info))
     os.makedirs(os.path.join(root, "data", "chunk-000"))
     pq.write_table(_data_table(episodes), os.path.join(root, "data", "chunk-000", "file-000.parquet"))
     for view in views:
         _write(os.path.join(root, "videos", f"observation.images.{view}", "chunk-000", "file-000.mp4"),
-               encode_mp4(np.concatenate([ep["frames"][view] for ep in episodes]), FPS))
+               encode_video(np.concatenate([ep["frames"][view] for ep in episodes]), FPS,
+                            {"h264": "libx264", "av1": "libsvtav1"}[codec]))
     rows, start = [], 0
     for i, ep in enumerate(episodes):
         n = len(ep["state"])

@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from gr.data.video_io import Frames, VideoDecodeError
+
 MAX_OPEN = 8
 _LEN = struct.Struct("<I")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -178,8 +180,6 @@ class DecoderProcess:
 
 
 def raise_decode_error(message: str):
-    from gr.data.video_io import VideoDecodeError
-
     raise VideoDecodeError(message)
 
 
@@ -191,17 +191,6 @@ def decoder() -> DecoderProcess:
     if _DECODER is None:
         _DECODER = DecoderProcess()
     return _DECODER
-
-
-class _Frames:
-    """What decord's get_batch returns, as far as gr uses it."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-        self.shape = array.shape
-
-    def asnumpy(self) -> np.ndarray:
-        return self.array
 
 
 class SandboxedVideo:
@@ -228,7 +217,7 @@ class SandboxedVideo:
     def get_avg_fps(self) -> float:
         return self.fps
 
-    def get_batch(self, indices: Sequence[int], op: str = "frames") -> _Frames:
+    def get_batch(self, indices: Sequence[int], op: str = "frames") -> Frames:
         indices = [int(i) for i in indices]
         for _ in range(2):
             if self.proc.generation != self.generation or self.proc.proc is None:
@@ -242,9 +231,9 @@ class SandboxedVideo:
         shape = tuple(reply["shape"])
         if int(np.prod(shape)) != len(data):
             raise_decode_error(f"the decoder process returned {len(data)} bytes for frames of shape {shape}")
-        return _Frames(np.frombuffer(data, np.uint8).reshape(shape))
+        return Frames(np.frombuffer(data, np.uint8).reshape(shape))
 
-    def __getitem__(self, i: int) -> _Frames:
+    def __getitem__(self, i: int) -> Frames:
         return self.get_batch([i], op="frame")
 
 

@@ -16,8 +16,21 @@ class VideoDecodeError(ValueError):
     """A video could not be decoded (corrupt, truncated, empty or too short)."""
 
 
+class Frames:
+    """What decord's `get_batch` returns, as far as gr uses it; returned by the sandboxed and PyAV readers."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = array.shape
+
+    def asnumpy(self) -> np.ndarray:
+        return self.array
+
+
 def open_video(data: bytes | str, sandbox: Optional[bool] = None):
-    """A decord VideoReader over mp4 bytes or a path; raises VideoDecodeError on unreadable input.
+    """A decord VideoReader over video bytes or a path; raises VideoDecodeError on unreadable input.
+
+    Streams decord cannot open (AV1, LeRobot's default codec) are read with PyAV instead (gr/data/pyav_reader.py).
 
     decord kills the process (SIGSEGV) on about 1% of byte-mutated mp4s instead of raising, so by default
     (`sandbox=None`: unless GR_DECODE_SANDBOX=0) the reader is a proxy whose decoding runs in a child process, and
@@ -33,7 +46,13 @@ def open_video(data: bytes | str, sandbox: Optional[bool] = None):
         src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
         vr = decord.VideoReader(src, ctx=decord.cpu(0), num_threads=1)
     except Exception as exc:  # decord raises its own DECORDError / RuntimeError variants
-        raise VideoDecodeError(f"cannot open video: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        from gr.data.pyav_reader import PyAVVideo
+
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        try:
+            vr = PyAVVideo(data)
+        except VideoDecodeError as fallback:
+            raise VideoDecodeError(f"cannot open video: {why} (PyAV: {fallback})") from exc
     if len(vr) == 0:
         raise VideoDecodeError("video has no frames")
     return vr
@@ -100,23 +119,34 @@ def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+_ENCODER_OPTIONS = {"libx264": {"preset": "veryfast", "tune": "zerolatency"}, "libsvtav1": {"preset": "10"},
+                    "libvpx-vp9": {"b": "0", "deadline": "realtime", "cpu-used": "8"}}
+
+
 def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18) -> bytes:
-    """uint8 (T, H, W, 3) -> H.264 mp4 bytes (yuv420p, so H and W must be even)."""
+    """uint8 (T, H, W, 3) -> H.264 mp4 bytes (yuv420p, so H and W must be even). What shards store."""
+    return encode_video(frames, fps, crf=crf)
+
+
+def encode_video(frames: np.ndarray, fps: float, codec: str = "libx264", container: str = "mp4",
+                 crf: int = 18) -> bytes:
+    """uint8 (T, H, W, 3) -> video bytes with a PyAV encoder (libx264; libsvtav1 or libvpx-vp9 for files such as
+    LeRobot's AV1 videos, which tests and benchmarks need to make), yuv420p."""
     import av
 
     t, h, w, _ = frames.shape
     if t == 0:
-        raise ValueError("encode_mp4: no frames")
+        raise ValueError("encode_video: no frames")
     if h % 2 or w % 2:
-        raise ValueError(f"encode_mp4: H.264 yuv420p needs even sizes, got {h}x{w}")
+        raise ValueError(f"encode_video: yuv420p needs even sizes, got {h}x{w}")
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency"}
+        stream.options = {"crf": str(crf), **_ENCODER_OPTIONS.get(codec, {})}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
+                out.mux(packet)
         for packet in stream.encode():
-            container.mux(packet)
+            out.mux(packet)
     return buf.getvalue()
