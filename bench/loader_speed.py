@@ -10,7 +10,9 @@ Measured paths, over the same clips with the same batch size and workers:
 - `bare_decord_sandboxed`: the same through gr's crash-isolating decoder child (gr/data/decode_sandbox.py, the default);
 - `video`: VideoDataModule(shard_format="video") batches, then FrozenVQGAN.encode on them (what training does);
 - `video_in_process`: the same with GR_DECODE_SANDBOX=0;
-- `tokens`: VideoDataModule(shard_format="tokens") batches of codes (no decoding, no encoder).
+- `tokens`: VideoDataModule(shard_format="tokens") batches of codes (no decoding, no encoder);
+- `h264_decord` / `av1_pyav`: every frame of the same clips, in this process, once as the shards' H.264 (decord) and
+  once re-encoded as AV1 (LeRobot's default), which decord cannot open and gr reads with PyAV (gr/data/pyav_reader.py).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from gr.config import ClipSpec, ImageTokenizerConfig
     from gr.data.datamodule import VideoDataModule
     from gr.data.shards import expand_urls
-    from gr.data.video_io import open_video
+    from gr.data.video_io import encode_video, get_frames, open_video
     from gr.encoders import FrozenVQGAN, save_taming_vqgan
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +103,31 @@ def main(argv: list[str] | None = None) -> dict:
                             frames += len(vr.get_batch(list(range(len(vr)))).asnumpy())
             return frames, time.perf_counter() - t
 
-        timings = {k: [] for k in ("bare_decord", "bare_decord_sandboxed", "video", "video_in_process", "tokens")}
+        def blobs() -> list[bytes]:
+            import tarfile
+
+            out = []
+            for url in expand_urls(data["train_shards"], "shards"):
+                with tarfile.open(url) as tar:
+                    out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".mp4")]
+            return out
+
+        h264 = blobs()
+        av1 = []
+        for b in h264:
+            vr = open_video(b, sandbox=False)
+            av1.append(encode_video(get_frames(vr, range(len(vr))), vr.get_avg_fps(), "libsvtav1"))
+        assert type(open_video(av1[0], sandbox=False)).__name__ == "PyAVVideo"
+
+        def decode_all(videos: list[bytes]) -> tuple[int, float]:
+            t, frames = time.perf_counter(), 0
+            for b in videos:
+                vr = open_video(b, sandbox=False)
+                frames += len(get_frames(vr, range(len(vr))))
+            return frames, time.perf_counter() - t
+
+        timings = {k: [] for k in ("bare_decord", "bare_decord_sandboxed", "video", "video_in_process", "tokens",
+                                   "h264_decord", "av1_pyav")}
         for _ in range(args.repeats):
             timings["bare_decord"].append(in_process(bare))
             timings["bare_decord_sandboxed"].append(bare())
@@ -109,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
             timings["video_in_process"].append(in_process(lambda: _pass(loader(data["train_shards"], "video"),
                                                                         vq.encode)))
             timings["tokens"].append(_pass(loader(report["pattern"], "tokens")))
+            timings["h264_decord"].append(decode_all(h264))
+            timings["av1_pyav"].append(decode_all(av1))
     best = {k: max(n / s for n, s in v) for k, v in timings.items()}
     result = {
         "benchmark": "loader_speed",
@@ -121,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_decord_frames_per_s": round(best["bare_decord"], 1),
         "bare_decord_sandboxed_frames_per_s": round(best["bare_decord_sandboxed"], 1),
         "sandbox_decode_slowdown": round(best["bare_decord"] / best["bare_decord_sandboxed"], 3),
+        "h264_decord_frames_per_s": round(best["h264_decord"], 1),
+        "av1_pyav_frames_per_s": round(best["av1_pyav"], 1),
+        "av1_pyav_slowdown_vs_h264_decord": round(best["h264_decord"] / best["av1_pyav"], 3),
         "video_decode_and_tokenize_samples_per_s": round(best["video"], 2),
         "video_in_process_samples_per_s": round(best["video_in_process"], 2),
         "sandbox_loader_slowdown": round(best["video_in_process"] / best["video"], 3),
