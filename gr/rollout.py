@@ -116,15 +116,16 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(im)
 
 
-def grid_frames(true: np.ndarray, pred: np.ndarray, caption: str, indices: list[int], scale: int = 2) -> np.ndarray:
+def grid_frames(true: np.ndarray, pred: np.ndarray, caption: str, indices: list[int], scale: int = 2,
+                truth: str = "true") -> np.ndarray:
     """(N, Nv, S, S, 3) x 2 -> (N, H, W, 3) video frames: one row per view, ground truth | prediction, a header with
-    the frame index and caption."""
+    the frame index, `truth` (what the left column is: "true", or "VQGAN(true)" for pre-tokenized data) and caption."""
     n, nv, s = true.shape[:3]
     rows = np.concatenate([np.concatenate([true[:, v], pred[:, v]], axis=2) for v in range(nv)], axis=1)
     rows = rows.repeat(scale, axis=1).repeat(scale, axis=2)  # small frames are unreadable otherwise
     header = np.zeros((n, 24, rows.shape[2], 3), np.uint8)
     out = np.concatenate([header, rows], axis=1)
-    return np.stack([_label(f, f"t={i}  true | pred  {caption}"[:60]) for f, i in zip(out, indices)])
+    return np.stack([_label(f, f"t={i}  {truth} | pred  {caption}"[:60]) for f, i in zip(out, indices)])
 
 
 def write_video(frames: np.ndarray, path_stem: str, fps: float = 4.0) -> dict[str, str]:
@@ -193,10 +194,10 @@ def plot_actions(pred: np.ndarray, true: np.ndarray, path: str) -> str:
 
 
 def save_rollout(out_dir: str, name: str, true: np.ndarray, pred: np.ndarray, caption: str, indices: list[int],
-                 fps: float, metrics: dict[str, Any]) -> dict[str, Any]:
+                 fps: float, metrics: dict[str, Any], truth: str = "true") -> dict[str, Any]:
     """Write one sample's video files; true/pred (N, Nv, S, S, 3), metrics from `vq_world_metrics`."""
     os.makedirs(out_dir, exist_ok=True)
-    files = write_video(grid_frames(true, pred, caption, indices), os.path.join(out_dir, name), fps)
+    files = write_video(grid_frames(true, pred, caption, indices, truth=truth), os.path.join(out_dir, name), fps)
     return {"name": name, "caption": caption, **files, "metrics": metrics}
 
 
@@ -210,65 +211,47 @@ def summarize(samples: list[dict[str, Any]], out_dir: str, extra: dict[str, Any]
     return report
 
 
-# ---- sources ----
-def _video_frames(data: bytes | str, fps: float, size: int, start: float = 0.0, end: Optional[float] = None):
-    from gr.data.video_io import get_frames, open_video, resample_indices, resize_center_crop
-
-    vr = open_video(data)
-    idx = resample_indices(len(vr), vr.get_avg_fps(), fps, start, end)
-    return resize_center_crop(get_frames(vr, [int(i) for i in idx]), size)
-
-
-def clip_sources(source: str, caption: Optional[str], clip, count: int) -> list[tuple[str, np.ndarray, str]]:
-    """(key, frames (T, S, S, 3) at clip.fps, caption) from an mp4 (+ caption) or text-video shards."""
-    from gr.data.shards import expand_urls, parse_meta, raw_samples
-
-    if source.endswith(".mp4"):
-        if not caption:
-            raise ValueError("--caption is required with an mp4 source")
-        return [(os.path.basename(source), _video_frames(source, clip.fps, clip.image_size), caption)]
-    out = []
-    for raw in raw_samples(expand_urls(source, "--source")):
-        key = f"{os.path.basename(raw.get('__url__', '?'))}:{raw.get('__key__', '?')}"
-        if "mp4" not in raw or "json" not in raw:
-            continue
-        meta = parse_meta(raw["json"], key)
-        frames = _video_frames(raw["mp4"], clip.fps, clip.image_size, meta.get("start") or 0.0, meta.get("end"))
-        out.append((key, frames, caption or meta["caption"]))
-        if len(out) == count:
-            break
-    if not out:
-        raise ValueError(f"--source {source!r}: no text-video sample (mp4 + json) found")
-    return out
-
-
 def rollout_text_video(module, source: str, out_dir: str, caption: Optional[str] = None, num_samples: int = 1,
                        num_frames: int = 8, temperature: float = 0.0, top_k: Optional[int] = None, seed: int = 0,
                        use_cache: bool = True) -> dict[str, Any]:
-    """Imagine `num_frames` frames for each of `num_samples` clips (one batched generation) and write the results."""
+    """Imagine `num_frames` frames for each of `num_samples` clips (one batched generation) and write the results.
+    `source`: a video file, a folder of them, or text-video shards, mp4 or pre-tokenized (gr/rollout_sources.py)."""
+    from gr.rollout_sources import clip_sources
+
     clip = module.clip_spec
     th, step = clip.num_history, clip.future_frame_offset
-    sources = clip_sources(source, caption, clip, num_samples)
+    sources = clip_sources(source, caption, clip, num_samples, module.tokens_spec)
     need = th + num_frames * step
-    for key, frames, _ in sources:
-        if len(frames) < th:
-            raise ValueError(f"--source {key}: {len(frames)} frames at {clip.fps} fps, fewer than the model's "
+    for s in sources:
+        if len(s) < th:
+            raise ValueError(f"--source {s.key}: {len(s)} frames at {clip.fps} fps, fewer than the model's "
                              f"history ({th})")
-        if len(frames) < need:
-            raise ValueError(f"--source {key}: {len(frames)} frames at {clip.fps} fps; {num_frames} future frames at "
+        if len(s) < need:
+            raise ValueError(f"--source {s.key}: {len(s)} frames at {clip.fps} fps; {num_frames} future frames at "
                              f"offset {step} need {need}")
-    frames = torch.from_numpy(np.stack([f[:need] for _, f, _ in sources]))  # (B, need, S, S, 3)
-    codes = module.image_tokenizer.encode(frames[:, :th])
-    gen = imagine(module, codes, [c for _, _, c in sources], num_frames, temperature, top_k, seed, use_cache)
     idx = [th - 1 + (i + 1) * step for i in range(num_frames)]
-    true = frames[:, idx].numpy()[:, :, None]  # (B, N, 1, S, S, 3)
+    tok = module.image_tokenizer
+    if sources[0].pretokenized:  # no raw frames: the VQGAN decode of the true codes is the ground truth
+        all_codes = torch.from_numpy(np.stack([s.codes[:need] for s in sources]))  # (B, need, h, w)
+        codes = all_codes[:, :th]
+        true_codes = all_codes[:, idx][:, :, None]  # (B, N, 1, h, w)
+        with torch.no_grad():
+            true = tok.decode(true_codes).numpy()
+        raw = {"true_codes": true_codes, "last_codes": codes[:, th - 1, None]}
+    else:
+        frames = torch.from_numpy(np.stack([s.frames[:need] for s in sources]))  # (B, need, S, S, 3)
+        codes = tok.encode(frames[:, :th])
+        true = frames[:, idx].numpy()[:, :, None]  # (B, N, 1, S, S, 3)
+        raw = {"last_codes": codes[:, th - 1, None], "true": true, "last": frames[:, th - 1, None]}
+    gen = imagine(module, codes, [s.caption for s in sources], num_frames, temperature, top_k, seed, use_cache)
     # Every imagined frame is judged against copying the last frame the model saw, the same for all steps.
-    metrics, pred = vq_world_metrics(module.image_tokenizer, gen[:, :, None], last_codes=codes[:, th - 1, None],
-                                     true=true, last=frames[:, th - 1, None])
-    samples = [save_rollout(out_dir, f"sample{b:02d}", true[b], pred[b], sources[b][2], idx, clip.fps, metrics[b])
-               | {"key": sources[b][0]} for b in range(len(sources))]
-    return summarize(samples, out_dir, {"kind": "text-video", "num_frames": num_frames, "temperature": temperature,
-                                        "top_k": top_k, "seed": seed})
+    metrics, pred = vq_world_metrics(tok, gen[:, :, None], **raw)
+    truth = "VQGAN(true)" if sources[0].pretokenized else "true"
+    samples = [save_rollout(out_dir, f"sample{b:02d}", true[b], pred[b], sources[b].caption, idx, clip.fps,
+                            metrics[b], truth) | {"key": sources[b].key} for b in range(len(sources))]
+    return summarize(samples, out_dir, {"kind": "text-video", "ground_truth": metrics[0]["reference"],
+                                        "num_frames": num_frames, "temperature": temperature, "top_k": top_k,
+                                        "seed": seed})
 
 
 def rollout_robot(module, source: str, out_dir: str, num_samples: int = 1, num_frames: int = 8,
@@ -285,34 +268,47 @@ def rollout_robot(module, source: str, out_dir: str, num_samples: int = 1, num_f
     if unknown:
         raise ValueError(f"--views: unknown view {unknown[0]!r}; this model's views are {robot.view_names}")
     norm = normalizer(module.normalization_stats(), robot.arm_index, robot.gripper_index)
-    stream = RobotWindowStream([], robot, clip, norm)
-    samples = []
+    # episode shards with mp4 views, or pre-tokenized ones (`{view}.tokens.npy`, codes of the model's own VQGAN)
+    streams = {False: RobotWindowStream([], robot, clip, norm),
+               True: RobotWindowStream([], robot, clip, norm, tokens=module.tokens_spec)}
+    samples, kinds = [], set()
     for raw in raw_samples(expand_urls(source, "--source")):
         key = f"{os.path.basename(raw.get('__url__', '?'))}:{raw.get('__key__', '?')}"
+        pretokenized = any(k.endswith(".tokens.npy") for k in raw)
+        kinds.add(pretokenized)
+        if len(kinds) > 1:
+            raise ValueError(f"--source {source!r}: mixes pre-tokenized and mp4 episodes; roll out one kind at a time")
         try:
-            frames, state, action, instruction = stream.episode(raw, key)
+            frames, state, action, instruction = streams[pretokenized].episode(raw, key)
         except SampleError as exc:
             raise ValueError(f"--source: {exc}") from None
         samples.append(_robot_episode(module, out_dir, f"sample{len(samples):02d}", key, frames, state, action,
-                                      instruction, norm, num_frames, temperature, top_k, seed, shown, make_windows))
+                                      instruction, norm, num_frames, temperature, top_k, seed, shown, make_windows,
+                                      pretokenized))
         if len(samples) == num_samples:
             break
     if not samples:
         raise ValueError(f"--source {source!r}: no robot episode found")
-    return summarize(samples, out_dir, {"kind": "robot", "num_frames": num_frames, "temperature": temperature,
+    return summarize(samples, out_dir, {"kind": "robot", "ground_truth": samples[0]["metrics"]["reference"],
+                                        "num_frames": num_frames, "temperature": temperature,
                                         "top_k": top_k, "seed": seed, "views": shown})
 
 
 @torch.no_grad()
 def _robot_episode(module, out_dir, name, key, frames, state, action, instruction, norm, num_frames, temperature,
-                   top_k, seed, shown, make_windows) -> dict[str, Any]:
+                   top_k, seed, shown, make_windows, pretokenized=False) -> dict[str, Any]:
+    """`frames`: per view, uint8 frames (T, S, S, 3), or int64 codes (T, h, w) when `pretokenized`."""
     robot, clip = module.robot_spec, module.clip_spec
     th, step = clip.num_history, clip.future_frame_offset
     t_steps = list(range(th - 1, len(state) - step, step))[:num_frames]
     if not t_steps:
         raise ValueError(f"--source {key}: {len(state)} steps, fewer than the model's history ({th}) plus the "
                          f"future offset ({step})")
-    codes = {v: module.image_tokenizer.encode(torch.from_numpy(frames[v])) for v in robot.view_names}
+    if pretokenized:  # the ground truth shown and scored is the VQGAN decode of the true codes
+        codes = {v: torch.from_numpy(frames[v]) for v in robot.view_names}
+        frames = {v: module.image_tokenizer.decode(c).numpy() for v, c in codes.items()}
+    else:
+        codes = {v: module.image_tokenizer.encode(torch.from_numpy(frames[v])) for v in robot.view_names}
     ws = list(make_windows({v: c.numpy() for v, c in codes.items()}, state, action, norm, robot.view_names,
                            list(range(len(state))), th, step, robot.action_chunk))
     hist = torch.from_numpy(np.stack([w["history"] for w in ws]))
@@ -321,8 +317,9 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
     sel = torch.tensor(t_steps)
     gen = module.model.generate_future_frame(text[sel], mask[sel], hist[sel], temperature, top_k,
                                              torch.Generator().manual_seed(seed), state=st[sel])
-    true, pred, metrics = _robot_frames(module, codes, frames, gen, t_steps, shown)
-    result = save_rollout(out_dir, name, true, pred, instruction, [t + step for t in t_steps], 4.0, metrics)
+    true, pred, metrics = _robot_frames(module, codes, frames, gen, t_steps, shown, pretokenized)
+    result = save_rollout(out_dir, name, true, pred, instruction, [t + step for t in t_steps], 4.0, metrics,
+                          "VQGAN(true)" if pretokenized else "true")
     arm, grip, _, _ = module.model.action_head(module.model.readout_features(text, mask, hist, st))
     first = np.zeros((len(ws), robot.action_dim), np.float32)
     first[:, robot.arm_index] = arm[:, 0].numpy() * norm["action_std"][robot.arm_index] + \
@@ -335,17 +332,19 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
     return result | {"key": key}
 
 
-def _robot_frames(module, codes, frames, gen, t_steps, shown):
+def _robot_frames(module, codes, frames, gen, t_steps, shown, pretokenized=False):
     """True frames and decoded predictions (N, Nv', S, S, 3) of the shown views, and their metrics per view; the
-    baseline copies each view's frame at t, the last the model saw, to predict t + future_frame_offset."""
+    baseline copies each view's frame at t, the last the model saw, to predict t + future_frame_offset. Pre-tokenized
+    episodes are scored against the decodes of their codes (`reference` "vqgan_decode")."""
     step, names = module.clip_spec.future_frame_offset, module.robot_spec.view_names
     pick = lambda per_view, off: np.stack([np.stack([per_view[v][t + off] for v in shown])  # noqa: E731
                                            for t in t_steps])
     codes = {v: c.numpy() for v, c in codes.items()}
     true, last, true_codes, last_codes = pick(frames, step), pick(frames, 0), pick(codes, step), pick(codes, 0)
     vi = [names.index(v) for v in shown]
+    raw = (None, None) if pretokenized else (true[None], last[None])
     metrics, pred = vq_world_metrics(module.image_tokenizer, gen[None, :, vi], true_codes[None], last_codes[None],
-                                     true[None], last[None], view_names=shown)
+                                     *raw, view_names=shown)
     return true, pred[0], metrics[0]
 
 
@@ -356,8 +355,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="pretraining or finetuning Lightning checkpoint")
     p.add_argument("--source", required=True,
-                   help="text-video shard(s) (brace pattern), an mp4 (with --caption), or robot episode shard(s)")
-    p.add_argument("--caption", default=None, help="caption for an mp4 source (overrides shard captions)")
+                   help="a video file (mp4, avi, mpg, mov, mkv, webm, ...; captioned by --caption or a sidecar "
+                        "<stem>.txt/.json), a folder of them, text-video shard(s) (brace pattern; mp4 or "
+                        "pre-tokenized), or robot episode shard(s) (mp4 or pre-tokenized)")
+    p.add_argument("--caption", default=None, help="caption for video files (overrides sidecars and shard captions)")
     p.add_argument("--num-samples", type=int, default=1, help="samples/episodes rolled out in one batched call")
     p.add_argument("--num-frames", type=int, default=8, help="future frames to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

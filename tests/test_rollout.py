@@ -100,7 +100,7 @@ def test_rollout_clear_errors(pre_ckpt, synthetic_shards, robot_shards, tmp_path
         (["--checkpoint", pre_ckpt, "--source", str(short), "--caption", "x"], "fewer than the model's history (2)"),
         (["--checkpoint", robot_ckpt, "--source", robot_shards["val_shards"], "--views", "top"],
          "unknown view 'top'"),
-        (["--checkpoint", pre_ckpt, "--source", str(short)], "--caption is required"),
+        (["--checkpoint", pre_ckpt, "--source", str(short)], "short.mp4: no caption; pass --caption"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit):
