@@ -13,25 +13,14 @@ from gr.data.video_io import encode_video
 from gr.encoders import save_taming_vqgan
 from gr.rollout import main, module_from_checkpoint
 from gr.training.finetune import FinetuneModule
-from gr.training.pretrain import PretrainModule
 from tests.conftest import TINY_ROBOT_MODEL, module_init_args
+from tests.test_rollout import _save, pre_ckpt  # noqa: F401 - the fixture is used by name
 
 # (file name, PyAV encoder, container): the formats a lab's footage comes in; MPEG-2 and MS-MPEG4 AVI were the
 # ones that failed before, AV1 is what decord cannot open at all (PyAV reads it).
 FORMATS = [("a.avi", "msmpeg4v2", "avi"), ("b.mpg", "mpeg2video", "mpeg"), ("c.mov", "libx264", "mov"),
            ("d.mkv", "libx264", "matroska"), ("e.webm", "libvpx-vp9", "webm"), ("f.mp4", "libsvtav1", "mp4"),
            ("g.m4v", "mpeg4", "mp4")]
-
-
-def _save(module, path):
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def pre_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    return _save(PretrainModule(**module_init_args()), tmp_path_factory.mktemp("rs") / "pre.ckpt")
 
 
 def _frames(seed: int, n: int = 8) -> np.ndarray:
