@@ -6,6 +6,7 @@
 - `gr finetune fit --config configs/finetune.yaml` (= `python finetune.py fit ...`; robot finetuning)
 - `gr eval --checkpoint CKPT` (closed-loop success rate on Meta-World tasks)
 - `gr rollout --checkpoint CKPT --source SHARDS` (predicted frames beside the ground truth, metrics)
+- `gr export CKPT OUT_DIR` (model.safetensors + config.json + model card; takes sharded DeepSpeed/FSDP2 folders)
 - `gr experiment --pretrained CKPT --pretrain-includes-target-tasks {yes,no}` (pretrained vs scratch finetuning)
 - `gr demo` (the embedded end-to-end demo), `gr presets` (trainable parameter counts of S/B/L/XL)
 """
@@ -142,6 +143,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                    "--source SHARDS", add_help=False)
     sub.add_parser("experiment", help="pretrained vs scratch finetuning at several demo counts: gr experiment "
                    "--pretrained CKPT --pretrain-includes-target-tasks {yes,no}", add_help=False)
+    sub.add_parser("export", help="portable export folder (model.safetensors, config.json, README card): gr export "
+                   "CKPT OUT_DIR", add_help=False)
+    if argv and argv[0] == "export":
+        from gr.export import main as export_main
+
+        export_main(argv[1:])
+        return
     if argv and argv[0] == "experiment":
         from gr.experiment import main as experiment_main
 

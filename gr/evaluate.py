@@ -66,8 +66,8 @@ def evaluate(checkpoint: str, tasks: list[str], episodes: int = 10, seed: int = 
     from gr.envs import check_task
     from gr.policy import GRPolicy
 
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"--checkpoint: file not found: {checkpoint!r}")
+    if not os.path.exists(checkpoint):
+        raise ValueError(f"--checkpoint: not found: {checkpoint!r}")
     tasks = [check_task(t) for t in tasks]
     probe = GRPolicy.from_checkpoint(checkpoint)  # fail here, once, on a checkpoint without an action head
     image_size = probe.clip.image_size
@@ -119,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from gr.envs import DEFAULT_TASKS
 
     p = argparse.ArgumentParser(prog="gr eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="finetuned Lightning checkpoint")
+    p.add_argument("--checkpoint", required=True, help="finetuned checkpoint: Lightning .ckpt, sharded folder or gr export folder")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--episodes", type=int, default=10, help="seeded episodes per task")
     p.add_argument("--seed", type=int, default=0)

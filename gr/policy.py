@@ -1,4 +1,4 @@
-"""The policy API: `GRPolicy.from_checkpoint(path)`, then `.reset()` and `.act(obs)` / `.step(obs)`.
+"""The policy API: `GRPolicy.from_checkpoint(path)` (or `.from_pretrained(export_folder)`), then `.reset()` and `.act(obs)` / `.step(obs)`.
 
 An observation is {"images": {view: uint8 (H, W, 3)}, "state": (S,) in robot units, "instruction": str}. The policy
 keeps its own history of the last `num_history` steps (the first observation fills it), caches the text features per
@@ -53,10 +53,21 @@ class GRPolicy:
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu", **kwargs) -> "GRPolicy":
-        """Rebuild the finetuned module from a Lightning checkpoint (gr.safe_load: no code from the file runs) and wrap it."""
-        from gr.training.checkpoint_io import module_from_checkpoint
+        """Rebuild the finetuned module from a Lightning checkpoint, a DeepSpeed / distributed-checkpoint folder or a
+        `gr export` folder (gr.safe_load: no code from the files runs) and wrap it."""
+        from gr.export import load_any
 
-        module = module_from_checkpoint(path, map_location)
+        return cls._checked(load_any(path, map_location), path, map_location, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, map_location: str = "cpu", **kwargs) -> "GRPolicy":
+        """Load a `gr export` folder (model.safetensors + config.json + encoders): no Lightning, no Trainer."""
+        from gr.export import load_export
+
+        return cls._checked(load_export(folder, map_location), folder, map_location, **kwargs)
+
+    @classmethod
+    def _checked(cls, module, path: str, map_location: str, **kwargs) -> "GRPolicy":
         if getattr(module, "robot_spec", None) is None:
             raise ValueError(f"{path!r}: a pretraining checkpoint has no action head; finetune it on robot data first")
         return cls(module, device=map_location, **kwargs)

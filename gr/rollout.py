@@ -29,9 +29,9 @@ from gr.metrics import world_model_metrics
 
 def module_from_checkpoint(path: str, map_location: str = "cpu"):
     """A gr module that can generate frames, rebuilt from its checkpoint."""
-    from gr.training.checkpoint_io import module_from_checkpoint as load
+    from gr.export import load_any
 
-    module = load(path, map_location)
+    module = load_any(path, map_location)  # a .ckpt, a sharded folder or a `gr export` folder
     if not hasattr(getattr(module, "model", None), "frame_head"):
         raise ValueError(f"{path!r}: a {type(module).__name__} checkpoint has no frame head to generate frames with")
     return module
@@ -353,7 +353,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     p = argparse.ArgumentParser(prog="gr rollout", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="pretraining or finetuning Lightning checkpoint")
+    p.add_argument("--checkpoint", required=True, help="pretraining or finetuning checkpoint: Lightning .ckpt, sharded folder or gr export folder")
     p.add_argument("--source", required=True,
                    help="a video file (mp4, avi, mpg, mov, mkv, webm, ...; captioned by --caption or a sidecar "
                         "<stem>.txt/.json), a folder of them, text-video shard(s) (brace pattern; mp4 or "

@@ -48,7 +48,7 @@ def reference(tmp_path_factory):
 def test_zero_matches_single_process_and_shards(stage, reference, tmp_path):
     out = str(tmp_path / f"zero{stage}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
-           "--stage", str(stage), "--steps", str(STEPS), "--out", out]
+           "--stage", str(stage), "--steps", str(STEPS), "--out", out, "--save-dir", str(tmp_path / "ds")]
     if stage == 3:
         # gr.distributed.deepspeed_config keeps tensors of <= 1e5 elements gathered on every rank; the tiny model's
         # largest has 8192, so the config as is would never partition a parameter. 0 partitions all of them, including
@@ -125,3 +125,15 @@ def test_lightning_deepspeed_stage_2_fit_on_gpu(synthetic_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Under DeepSpeed a Lightning checkpoint is a directory of per-rank shards.
     assert os.path.exists(os.path.join(root, "checkpoints", "last.ckpt")), os.listdir(os.path.join(root, "checkpoints"))
+
+    # `gr export` consolidates the ZeRO folder on the CPU to the weights the run ended with, which are the
+    # single-process run's weights to float noise (checked above).
+    from gr.export import export, load_export
+
+    config = export(str(tmp_path / "ds"), str(tmp_path / "export"))
+    assert config["source"]["checkpoint_kind"] == "deepspeed" and config["source"]["global_step"] == STEPS
+    exported = load_export(str(tmp_path / "export")).state_dict()
+    for name, value in got["params"].items():
+        assert torch.equal(exported[name].flatten(), torch.tensor(value, dtype=torch.float32)), name
+        want = torch.tensor(reference["params"][name], dtype=torch.float32)
+        assert torch.allclose(exported[name].flatten(), want, rtol=0, atol=PARAM_ATOL), name

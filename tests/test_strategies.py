@@ -67,7 +67,10 @@ def two_process_runs(synthetic_shards, tmp_path_factory):
                                              "init_args": {"num_samples": 1}})
         with open(cfg, "w") as f:
             yaml.safe_dump(spec, f)
-        _fit(cfg, strategy)
+        # FSDP2 writes a sharded torch.distributed.checkpoint folder, which gr reads by consolidating it on the CPU.
+        # (Its default, one gathered .ckpt, is what the robot finetuning test below writes.)
+        _fit(cfg, strategy, *(["--trainer.strategy.init_args.save_distributed_checkpoint=true"]
+                              if strategy == "fsdp2" else []))
         out[strategy] = os.path.join(root, "run", "checkpoints", "last.ckpt")
         out[f"{strategy}_rollouts"] = sorted(glob.glob(os.path.join(root, "run", "rollouts", "*", "*.mp4")))
     return out
@@ -79,13 +82,28 @@ def test_ddp_and_fsdp2_train_on_two_cpu_processes_to_the_same_weights(two_proces
     init = torch.load(two_process_runs["ddp"], weights_only=True)
     assert init["global_step"] == 6
     ddp = module_from_checkpoint(two_process_runs["ddp"]).model.state_dict()
-    fsdp = module_from_checkpoint(two_process_runs["fsdp2"]).model.state_dict()  # a full, gathered checkpoint
+    assert os.path.isfile(os.path.join(two_process_runs["fsdp2"], ".metadata"))  # a sharded folder, one file per rank
+    assert len(glob.glob(os.path.join(two_process_runs["fsdp2"], "*.distcp"))) == 2
+    fsdp = module_from_checkpoint(two_process_runs["fsdp2"]).model.state_dict()  # consolidated by gr.export
     assert ddp.keys() == fsdp.keys()
     fresh = __import__("gr.training.pretrain", fromlist=["PretrainModule"]).PretrainModule(**module_init_args())
     moved = [k for k, v in fresh.model.state_dict().items() if not torch.equal(v, ddp[k])]
     assert len(moved) > len(ddp) // 2  # the optimizer really stepped
     for key in ddp:  # same data split, same averaged gradients: sharding must not change the math
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_gr_export_consolidates_the_fsdp2_sharded_checkpoint(two_process_runs, tmp_path):
+    from gr.export import export, load_export
+    from gr.training.checkpoint_io import module_from_checkpoint
+
+    config = export(two_process_runs["fsdp2"], str(tmp_path / "export"))
+    assert config["source"]["checkpoint_kind"] == "dcp" and config["source"]["global_step"] == 6
+    exported = load_export(str(tmp_path / "export")).model.state_dict()
+    ddp = module_from_checkpoint(two_process_runs["ddp"]).model.state_dict()
+    assert exported.keys() == ddp.keys()
+    for key in ddp:
+        torch.testing.assert_close(exported[key], ddp[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

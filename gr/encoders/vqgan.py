@@ -189,6 +189,12 @@ class FrozenVQGAN(FrozenMixin):
         _, n_embed, _ = _params_from_yaml(yaml_path)
         return cls(ImageTokenizerConfig(checkpoint=checkpoint, yaml=yaml_path, codebook_size=n_embed))
 
+    def tokens_spec(self, image_size: int) -> dict:
+        """What pre-tokenized shards must have been made with: this tokenizer at this clip size."""
+        grid = self.grid_size(image_size)
+        return {"codebook_size": self.vq.n_embed, "image_size": image_size, "grid": [grid, grid],
+                "fingerprint": self.vq.codebook_fingerprint()}
+
     def grid_size(self, image_size: int) -> int:
         if image_size % self.downsample_factor:
             raise ValueError(

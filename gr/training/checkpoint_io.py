@@ -80,10 +80,13 @@ def weights_already_in_checkpoint(hparams: dict[str, Any]) -> dict[str, Any]:
 
 def module_from_checkpoint(path: str, map_location: str = "cpu"):
     """Rebuild a gr LightningModule from its checkpoint (hyper-parameters + weights), running no code from the file:
+    a Lightning .ckpt, a DeepSpeed ZeRO folder or a torch.distributed.checkpoint folder (gr.export consolidates them).
     the weights load through gr.safe_load and the class it names must be one of gr's modules."""
-    if not os.path.isfile(path):
+    from gr.export import read_training_checkpoint
+
+    if not os.path.exists(path):
         raise ValueError(f"checkpoint file not found: {path!r}")
-    ckpt = load_checkpoint(path, map_location=map_location)
+    ckpt = read_training_checkpoint(path)  # a .ckpt file, or a DeepSpeed / DCP folder consolidated on the CPU
     hparams = dict(ckpt.get("hyper_parameters", {}))
     class_path = hparams.pop("_class_path", None)
     if class_path is None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
-from gr.safe_load import load_checkpoint
+from gr.export import is_export, read_training_checkpoint, stats_from_buffers
 from gr.training.pretrain import PretrainModule, frame_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class FinetuneModule(PretrainModule):
         image_tokenizer: frozen taming VQGAN config.
         optim: AdamW + warmup/cosine config.
         loss: weights of the frame, arm, gripper and KL terms.
-        init_from: a pretraining checkpoint (Lightning .ckpt of PretrainModule): every weight that still fits is
+        init_from: a pretraining checkpoint (Lightning .ckpt of PretrainModule, a DeepSpeed or distributed-checkpoint
+            folder of one, or its `gr export` folder): every weight that still fits is
             loaded; which were loaded, new and dropped is logged and kept in `init_report`.
         init_strict: fail when a weight the pretraining model has (trunk, embeddings, heads) is missing or misfits.
         pretrained_from: provenance only, never read: the pretraining checkpoint the weights first came from. A resumed
@@ -80,16 +82,22 @@ class FinetuneModule(PretrainModule):
                 if len(rows[0]) != buf.shape[1]:
                     raise ConfigError(f"data stats: {name} has {len(rows[0])} dims, model.robot says {buf.shape[1]}")
                 buf.copy_(torch.tensor(rows, dtype=buf.dtype))
-        to = lambda b: dict(zip(("mean", "std", "min", "max"), b.tolist()))  # noqa: E731
-        return {"state": to(self.stats_state), "action": to(self.stats_action)}
+        return stats_from_buffers(self.stats_state, self.stats_action)
 
     # ---- transfer from pretraining ----
     def load_pretrained(self, path: str, strict: bool = True) -> dict[str, Any]:
         """Load every fitting `model.*` weight of a pretraining checkpoint; report loaded / new / dropped."""
-        try:
-            ckpt = load_checkpoint(path)
-        except FileNotFoundError:
-            raise ConfigError(f"init_from: file not found: {path!r}") from None
+        if not os.path.exists(path):
+            raise ConfigError(f"init_from: file not found: {path!r}")
+        if is_export(path):  # a `gr export` folder: its weights, no Lightning state
+            from safetensors.torch import load_file
+
+            ckpt = {"state_dict": load_file(os.path.join(path, "model.safetensors"))}
+        else:  # a .ckpt, or a DeepSpeed / distributed-checkpoint folder consolidated on the CPU
+            try:
+                ckpt = read_training_checkpoint(path)
+            except ValueError as exc:
+                raise ConfigError(f"init_from: {exc}") from None
         found = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
         if not found:
             raise ConfigError(f"init_from: {path!r} has no `model.*` weights (not a gr pretraining checkpoint?)")

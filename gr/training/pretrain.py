@@ -66,10 +66,7 @@ class PretrainModule(L.LightningModule):
     @property
     def tokens_spec(self) -> dict:
         """What pre-tokenized shards must have been made with: this model's tokenizer at this clip size."""
-        vq, size = self.image_tokenizer.vq, self.model_cfg.clip.image_size
-        grid = self.image_tokenizer.grid_size(size)
-        return {"codebook_size": vq.n_embed, "image_size": size, "grid": [grid, grid],
-                "fingerprint": vq.codebook_fingerprint()}
+        return self.image_tokenizer.tokens_spec(self.model_cfg.clip.image_size)
 
     # ---- checkpoints: frozen encoders are loaded by reference, RNG state travels with the run ----
     def state_dict(self, *args, **kwargs):

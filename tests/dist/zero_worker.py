@@ -5,6 +5,8 @@
 
 Both take the same global batch per step (rank r takes the r-th slice), the same AdamW over
 `gr.training.optim.param_groups` and the same global-norm clip, so their per-step losses and final weights must agree.
+With `--save-dir` the engine also saves a ZeRO checkpoint folder, laid out as Lightning's DeepSpeedStrategy saves one
+(tests/test_deepspeed.py exports it with `gr export`).
 Rank 0 writes a JSON with the global losses, every trainable parameter after the last step and, per rank, how many
 optimizer-state and parameter elements that rank holds (the evidence that ZeRO sharded anything).
 Used by tests/test_deepspeed.py.
@@ -141,6 +143,12 @@ def run_deepspeed(args) -> dict | None:
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
 
+    if args.save_dir:
+        # Lightning's DeepSpeedStrategy layout: tag "checkpoint", the rest of the Lightning checkpoint as client
+        # state (hyper-parameters, step). Every rank writes its own partition.
+        engine.save_checkpoint(args.save_dir, tag="checkpoint",
+                               client_state={"hyper_parameters": dict(module.hparams), "global_step": args.steps,
+                                             "epoch": 0})
     params = list(engine.module.parameters())
     mine = {"opt_state_numel": _opt_state_numel(getattr(opt, "optimizer", opt)),  # ZeRO wraps the torch optimizer
             # At rest, ZeRO-3 keeps only persistent (small) parameters materialized; the rest have .data of size 0.
@@ -171,6 +179,7 @@ def main(argv=None) -> None:
     p.add_argument("--persistence-threshold", type=int, default=None,
                    help="ZeRO-3 only: override stage3_param_persistence_threshold (parameters with at most this many "
                         "elements stay gathered on every rank)")
+    p.add_argument("--save-dir", default=None, help="DeepSpeed only: save a ZeRO checkpoint folder after the last step")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.use_deterministic_algorithms(True)
