@@ -43,23 +43,19 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def main(argv: list[str] | None = None) -> dict:
+def demo_policy(image_size: int = 64, preset: str | None = None):
+    """(policy, module, init args): the demo's finetuning configuration with random weights, or any trunk preset."""
     from gr.policy import GRPolicy
     from gr.training.finetune import FinetuneModule
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="trunk preset S/B/L/XL (default: the demo's 4x128 trunk)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=30)
-    args = p.parse_args(argv)
     with open(os.path.join(REPO, "configs/demo/finetune.yaml")) as f:
         init = yaml.safe_load(f)["model"]["init_args"]
     init.update(init_from=None)
     init["image_tokenizer"] = {"codebook_size": 256, "embed_dim": 32, "ch": 32, "ch_mult": [1, 2, 2, 4],
-                               "z_channels": 64, "resolution": args.image_size}  # demo tokenizer, random weights
-    init["model"]["clip"]["image_size"] = args.image_size
-    if args.preset:
-        init["model"]["trunk"] = {"preset": args.preset}
+                               "z_channels": 64, "resolution": image_size}  # demo tokenizer, random weights
+    init["model"]["clip"]["image_size"] = image_size
+    if preset:
+        init["model"]["trunk"] = {"preset": preset}
     torch.manual_seed(0)
     module = FinetuneModule(**init)
     robot = module.robot_spec
@@ -67,11 +63,25 @@ def main(argv: list[str] | None = None) -> dict:
                                           for k in ("mean", "std", "min", "max")},
                                 "action": {k: [0.0 if k not in ("std", "max") else 1.0] * robot.action_dim
                                            for k in ("mean", "std", "min", "max")}})
-    policy = GRPolicy(module.eval())
-    rng = np.random.default_rng(0)
-    obs = {"images": {v: rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8)
-                      for v in robot.view_names},
-           "state": rng.normal(size=robot.state_dim).astype(np.float32), "instruction": "press the button"}
+    return GRPolicy(module.eval()), module, init
+
+
+def demo_observation(policy, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    size = policy.clip.image_size
+    return {"images": {v: rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for v in policy.robot.view_names},
+            "state": rng.normal(size=policy.robot.state_dim).astype(np.float32), "instruction": "press the button"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="trunk preset S/B/L/XL (default: the demo's 4x128 trunk)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args(argv)
+    policy, module, init = demo_policy(args.image_size, args.preset)
+    robot = module.robot_spec
+    obs = demo_observation(policy)
     for _ in range(3):  # fill the history, cache the text, warm up
         policy.act(obs)
     frames = torch.from_numpy(np.stack([obs["images"][v] for v in robot.view_names]))

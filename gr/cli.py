@@ -7,6 +7,7 @@
 - `gr eval --checkpoint CKPT` (closed-loop success rate on Meta-World tasks)
 - `gr rollout --checkpoint CKPT --source SHARDS` (predicted frames beside the ground truth, metrics)
 - `gr export CKPT OUT_DIR` (model.safetensors + config.json + model card; takes sharded DeepSpeed/FSDP2 folders)
+- `gr serve --checkpoint CKPT_OR_EXPORT --port N` (the policy over a websocket; client: gr/client.py, no torch)
 - `gr experiment --pretrained CKPT --pretrain-includes-target-tasks {yes,no}` (pretrained vs scratch finetuning)
 - `gr demo` (the embedded end-to-end demo), `gr presets` (trainable parameter counts of S/B/L/XL)
 """
@@ -145,6 +146,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                    "--pretrained CKPT --pretrain-includes-target-tasks {yes,no}", add_help=False)
     sub.add_parser("export", help="portable export folder (model.safetensors, config.json, README card): gr export "
                    "CKPT OUT_DIR", add_help=False)
+    sub.add_parser("serve", help="policy server over a websocket (msgpack): gr serve --checkpoint CKPT --port N",
+                   add_help=False)
+    if argv and argv[0] == "serve":
+        from gr.serve import main as serve_main
+
+        serve_main(argv[1:])
+        return
     if argv and argv[0] == "export":
         from gr.export import main as export_main
 

@@ -67,7 +67,7 @@ def evaluate(checkpoint: str, tasks: list[str], episodes: int = 10, seed: int = 
     from gr.policy import GRPolicy
 
     if not os.path.exists(checkpoint):
-        raise ValueError(f"--checkpoint: not found: {checkpoint!r}")
+        raise ValueError(f"--checkpoint: file or folder not found: {checkpoint!r}")
     tasks = [check_task(t) for t in tasks]
     probe = GRPolicy.from_checkpoint(checkpoint)  # fail here, once, on a checkpoint without an action head
     image_size = probe.clip.image_size

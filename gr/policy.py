@@ -74,7 +74,7 @@ class GRPolicy:
 
     def reset(self) -> None:
         """Start a new episode: empty history, no pending actions."""
-        self.history: deque = deque(maxlen=self.clip.num_history)
+        self.history: deque = self.new_history()
         self._queue: list[np.ndarray] = []
         self._ensemble: list[tuple[int, np.ndarray]] = []  # (step the chunk was predicted at, chunk)
         self._t = 0
@@ -85,34 +85,74 @@ class GRPolicy:
             self._text[instruction] = self.module.text_encoder([instruction])
         return self._text[instruction]
 
-    def _push(self, obs: dict[str, Any]) -> None:
-        images = obs.get("images") or {}
+    def check_observation(self, obs: Any) -> None:
+        """Raise a ValueError naming the field when `obs` does not fit the model (views, image shapes, state size,
+        instruction): the policy server answers with it instead of failing a batch."""
+        if not isinstance(obs, dict):
+            raise ValueError(f"obs must be a dict with images, state and instruction, got {type(obs).__name__}")
+        images = obs.get("images")
+        if not isinstance(images, dict):
+            raise ValueError("obs['images'] must be a dict {view: uint8 (H, W, 3)}")
         missing = [v for v in self.robot.view_names if v not in images]
         if missing:
             raise ValueError(f"obs['images'] lacks view {missing[0]!r}; the model was trained on views "
                              f"{self.robot.view_names} (got {sorted(images)})")
-        state = np.asarray(obs["state"], np.float32)
-        if state.shape != (self.robot.state_dim,):
-            raise ValueError(f"obs['state'] has shape {state.shape}, the model expects ({self.robot.state_dim},)")
-        frames = np.stack([resize_center_crop(np.asarray(images[v], np.uint8)[None], self.clip.image_size)[0]
-                           for v in self.robot.view_names])
-        codes = self.module.image_tokenizer.encode(torch.from_numpy(frames).to(self.device))  # (Nv, h, w)
-        entry = (codes, torch.from_numpy((state - self.state_mean) / self.state_std).to(self.device))
-        if not self.history:
-            self.history.extend([entry] * self.clip.num_history)  # at the start, the first frame is the past
+        for v in self.robot.view_names:
+            shape = np.shape(images[v])
+            if len(shape) != 3 or shape[2] != 3 or min(shape[:2]) < 1:
+                raise ValueError(f"obs['images'][{v!r}] has shape {shape}, expected (H, W, 3) uint8 RGB")
+        if "state" not in obs:
+            raise ValueError("obs lacks 'state'")
+        state = np.shape(obs["state"])
+        if state != (self.robot.state_dim,):
+            raise ValueError(f"obs['state'] has shape {state}, the model expects ({self.robot.state_dim},)")
+        if not isinstance(obs.get("instruction"), str):
+            raise ValueError("obs['instruction'] must be a string")
+
+    def encode_observations(self, observations: list[dict[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """History entries (codes (Nv, h, w), normalized state (S,)) of several observations, their frames tokenized
+        in one VQGAN call."""
+        for obs in observations:
+            self.check_observation(obs)
+        views = self.robot.view_names
+        frames = np.stack([resize_center_crop(np.asarray(obs["images"][v], np.uint8)[None], self.clip.image_size)[0]
+                           for obs in observations for v in views])
+        codes = self.module.image_tokenizer.encode(torch.from_numpy(frames).to(self.device))  # (N * Nv, h, w)
+        codes = codes.reshape(len(observations), len(views), *codes.shape[1:])
+        return [(codes[i], torch.from_numpy((np.asarray(obs["state"], np.float32) - self.state_mean)
+                                            / self.state_std).to(self.device))
+                for i, obs in enumerate(observations)]
+
+    def new_history(self) -> deque:
+        return deque(maxlen=self.clip.num_history)
+
+    def push_entry(self, history: deque, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if not history:
+            history.extend([entry] * self.clip.num_history)  # at the start, the first frame is the past
         else:
-            self.history.append(entry)
+            history.append(entry)
+
+    def _push(self, obs: dict[str, Any]) -> None:
+        self.push_entry(self.history, self.encode_observations([obs])[0])
+
+    @torch.no_grad()
+    def predict_chunks(self, histories: list[deque], instructions: list[str]) -> list[np.ndarray]:
+        """Action chunks (k, A) in robot units for several histories at once (one prefix pass over the batch)."""
+        feats = [self._text_features(i) for i in instructions]
+        text, mask = torch.cat([f for f, _ in feats]), torch.cat([m for _, m in feats])
+        codes = torch.stack([torch.stack([c for c, _ in h]) for h in histories])  # (B, Th, Nv, h, w)
+        state = torch.stack([torch.stack([s for _, s in h]) for h in histories])  # (B, Th, S)
+        readouts = self.model.readout_features(text, mask, codes, state)
+        arm, grip, _, _ = self.model.action_head(readouts)
+        arm = arm.float().cpu().numpy()
+        grip = None if grip is None else grip.cpu().numpy()
+        return [self._to_robot_units(arm[i], None if grip is None else grip[i]) for i in range(len(histories))]
 
     @torch.no_grad()
     def act(self, obs: dict[str, Any]) -> np.ndarray:
         """Add the observation to the history and return the predicted action chunk (k, A) in robot units."""
         self._push(obs)
-        text, mask = self._text_features(obs["instruction"])
-        codes = torch.stack([c for c, _ in self.history])[None]  # (1, Th, Nv, h, w)
-        state = torch.stack([s for _, s in self.history])[None]  # (1, Th, S)
-        readouts = self.model.readout_features(text, mask, codes, state)
-        arm, grip, _, _ = self.model.action_head(readouts)
-        return self._to_robot_units(arm[0].float().cpu().numpy(), None if grip is None else grip[0].cpu().numpy())
+        return self.predict_chunks([self.history], [obs["instruction"]])[0]
 
     def _to_robot_units(self, arm: np.ndarray, grip_logits: Optional[np.ndarray]) -> np.ndarray:
         k = arm.shape[0]

@@ -97,3 +97,12 @@ def test_rollout_speed_runs_both_paths_to_identical_tokens():
     assert r["identical_tokens"] and r["num_frames"] == 2 and r["batch"] == 2
     assert r["cached_frames_per_s"] > 0 and r["recompute_frames_per_s"] > 0
     assert r["speedup"] == pytest.approx(r["cached_frames_per_s"] / r["recompute_frames_per_s"], rel=0.02)
+
+
+def test_serve_latency_benchmark_measures_both_paths():
+    import serve_latency
+
+    r = serve_latency.main(["--repeats", "2", "--image-size", "32", "--clients", "2"])
+    assert r["in_process_ms"] > 0 and r["round_trip_ms"] > 0 and r["server_total_ms"] > 0
+    assert r["overhead_ms"] == pytest.approx(r["round_trip_ms"] - r["in_process_ms"], abs=2e-3)
+    assert r["under_load"]["clients"] == 2 and r["under_load"]["mean_batch"] >= 1

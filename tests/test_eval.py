@@ -53,7 +53,7 @@ def test_eval_clear_errors(robot_ckpt, tmp_path, capsys):
     torch.save({"state_dict": pre.state_dict(), "hyper_parameters": dict(pre.hparams)}, path)
     for args, message in ((["--checkpoint", str(path)], "has no action head"),
                           (["--checkpoint", robot_ckpt, "--tasks", "fly-v3"], "fly-v3"),
-                          (["--checkpoint", str(tmp_path / "none.ckpt")], "file not found")):
+                          (["--checkpoint", str(tmp_path / "none.ckpt")], "not found")):
         with pytest.raises(SystemExit):
             main(args + ["--out", str(tmp_path / "o")])
         assert message in capsys.readouterr().err
