@@ -5,7 +5,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gr-installed
-APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libosmesa6 libglfw3
+# MuJoCo's offscreen rendering libraries, and chromium for gr report's headless-browser test.
+APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libosmesa6 libglfw3 chromium
 PYTEST_ARGS ?=
 
 .PHONY: all install apt demo experiment experiment-ood experiment-synthetic test clean-venv

@@ -8,6 +8,7 @@
 - `gr rollout --checkpoint CKPT --source SHARDS` (predicted frames beside the ground truth, metrics)
 - `gr export CKPT OUT_DIR` (model.safetensors + config.json + model card; takes sharded DeepSpeed/FSDP2 folders)
 - `gr serve --checkpoint CKPT_OR_EXPORT --port N` (the policy over a websocket; client: gr/client.py, no torch)
+- `gr report RUN_DIR` (one self-contained report.html: curves, rollouts, eval, config)
 - `gr experiment --pretrained CKPT --pretrain-includes-target-tasks {yes,no}` (pretrained vs scratch finetuning)
 - `gr demo` (the embedded end-to-end demo), `gr presets` (trainable parameter counts of S/B/L/XL)
 """
@@ -152,6 +153,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         from gr.serve import main as serve_main
 
         serve_main(argv[1:])
+        return
+    sub.add_parser("report", help="self-contained report.html of a run: gr report RUN_DIR", add_help=False)
+    if argv and argv[0] == "report":
+        from gr.report import main as report_main
+
+        report_main(argv[1:])
         return
     if argv and argv[0] == "export":
         from gr.export import main as export_main

@@ -371,7 +371,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary["total_seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    from gr.report import render
+
+    summary["report"] = render(args.out, os.path.join(args.out, "report.html"))["report"]  # gr report of the run
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
+    print(f"[demo] report: {summary['report']} (open it in a browser; self-contained)")
     return summary
 
 

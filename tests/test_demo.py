@@ -51,6 +51,9 @@ def test_demo_stages_run_and_report(tmp_path):
     assert summary["checks"]["finetuned_beats_copy_last_psnr_every_view"] == all(
         v["psnr"] > v["psnr_copy_last"] for v in views.values())
     assert os.path.isfile(ro["robot"]["action_plots"][0]) and len(ro["robot"]["metrics"]["ssim"]) >= 1
+    page = open(summary["report"]).read()  # make demo's gr report: every stage's curves, the rollouts, the eval
+    assert summary["report"] == str(out / "report.html") and "<h2>Checks</h2>" in page
+    assert page.count("<h3>") >= 3 + 2 + 1 and "coffee-button-v3" in page and "data:video/mp4;base64," in page
 
     # A second corpus tokenized with the first run's VQGAN (what `make experiment-ood` does), here the synthetic
     # clips alone (`make experiment-synthetic`): nothing is trained for the tokenizer, its held-out PSNR is measured

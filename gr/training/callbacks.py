@@ -24,7 +24,9 @@ def readback_interval(trainer: Optional[L.Trainer], value: torch.Tensor) -> int:
 
 
 class RunSummary(L.Callback):
-    """Append every training step's loss to `<dir>/losses.jsonl` and write `<dir>/summary.json` at the end.
+    """Append every training step's loss to `<dir>/losses.jsonl`, every logged metric to `<dir>/metrics.jsonl` (each
+    `trainer.log_every_n_steps` steps, when Lightning reads them for its loggers anyway, and after each validation),
+    and write `<dir>/summary.json` at the end. `gr report` draws its curves from these files.
 
     Args:
         dirpath: output folder; default `<trainer.log_dir or default_root_dir>/summary`.
@@ -54,6 +56,15 @@ class RunSummary(L.Callback):
         self._pending.append((trainer.global_step, loss))
         if len(self._pending) >= readback_interval(trainer, loss):
             self._write_losses(trainer)
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        if trainer.global_step % every == 0:
+            self._write_metrics(trainer, trainer.logged_metrics, lambda k: not k.startswith("val/"))
+
+    def _write_metrics(self, trainer, metrics: dict[str, Any], keep) -> None:
+        row = {k: float(v) for k, v in metrics.items() if keep(k) and torch.as_tensor(v).numel() == 1}
+        if row:
+            with open(os.path.join(self._dir(trainer), "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": trainer.global_step, **row}) + "\n")
 
     def _write_losses(self, trainer) -> None:
         if not self._pending:
@@ -74,6 +85,8 @@ class RunSummary(L.Callback):
         if trainer.sanity_checking:
             return
         self.val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if trainer.is_global_zero:
+            self._write_metrics(trainer, self.val, lambda k: True)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -212,6 +225,9 @@ class RolloutVideos(L.Callback):
             shown = np.concatenate([seen[b], pred_img[b]])  # history, then the predicted one
             samples.append(save_rollout(out_dir, f"sample{b:02d}", true, shown, str(captions[b]),
                                         list(range(th + 1)), 2.0, metrics[b]))
+        from gr.rollout import summarize
+
+        summarize(samples, out_dir, {"step": trainer.global_step, "source": "validation"})  # for gr report
         return samples
 
 
