@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -179,6 +180,7 @@ def write_episodes(episodes: Iterable[tuple[str, Episode, str]], total: int, arg
     """
     if total == 0:
         raise ValueError(f"{source}: no episodes found (empty dataset)")
+    created = not os.path.exists(args.out)
     writer = EpisodeShardWriter(args.out, args.prefix, args.per_shard, source=source)
     seen: set[str] = set()
     try:
@@ -190,7 +192,13 @@ def write_episodes(episodes: Iterable[tuple[str, Episode, str]], total: int, arg
                 check_episode(ep, where, writer.views)
                 writer.write(key, ep)
     except BaseException:
+        # A failed import leaves nothing: not the shards finished before the error, not the folder it created.
         _remove_partials(writer)
+        for path in writer.shards + [os.path.join(args.out, f"{args.prefix}-stats.json")]:
+            if os.path.exists(path):
+                os.remove(path)
+        if created:
+            shutil.rmtree(args.out, ignore_errors=True)
         raise
     return {"episodes": writer.count, "frames": writer.num_frames, "shards": writer.pattern, "views": writer.views,
             "stats_file": os.path.join(args.out, f"{args.prefix}-stats.json")}

@@ -7,8 +7,17 @@ v3.0: `meta/info.json`, `meta/episodes/chunk-*/file-*.parquet` (one row per epis
 episodes share one data parquet, cut by `dataset_from_index`/`dataset_to_index` on the `index` column, and one mp4 per
 camera, cut at `videos/<key>/from_timestamp` plus each frame's `timestamp`.
 
-Camera views are the video features (`--cameras` picks some), named after the part of the key that follows
-`observation.images.`. The instruction is the episode's first task.
+Camera views are the video features, or for datasets written with `use_videos=False` the image features (frames
+stored in the data parquet as encoded PNG/JPEG bytes, or as paths next to it); `--cameras` picks some. Views are
+named after the part of the key that follows `observation.images.`.
+
+Instructions come from each frame's `task_index`, looked up in `meta/tasks.jsonl` / `meta/tasks.parquet`: an
+episode's `tasks` list cannot say which frame had which task (lerobot writes it as `list(set(...))`, whose order
+depends on the writer's hash seed). An episode whose frames carry several tasks is split into one episode per
+contiguous run of a task (`episode_000003_part01`, ...), each with its own instruction: every training window then
+sees the instruction its frames were recorded under. Windows that would span a task change are not formed.
+Without a `task_index` column the episode's `tasks` decide, in sorted order (deterministic, with a warning when there
+are several).
 
     python data_prep/import_lerobot.py --root path/to/lerobot_dataset --out data/my_robot --image-size 256
 """
@@ -17,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
+import logging
 import os
 import sys
 from typing import Any, Iterator, Optional
@@ -32,6 +43,8 @@ from gr.data.robot import Episode  # noqa: E402
 from gr.data.video_io import VideoDecodeError, get_frames, open_video  # noqa: E402
 
 VIEW_PREFIX = "observation.images."
+CAMERA_DTYPES = ("video", "image")  # image: frames in the parquet (use_videos=False)
+log = logging.getLogger(__name__)
 
 
 def load_info(root: str) -> dict[str, Any]:
@@ -117,20 +130,20 @@ def camera_views(info: dict[str, Any], cameras: Optional[list[str]]) -> dict[str
         info: `load_info`'s result.
         cameras: feature keys, or names after `observation.images.`; None for all.
     """
-    videos = sorted(k for k, ft in info["features"].items() if ft.get("dtype") == "video")
+    videos = sorted(k for k, ft in info["features"].items() if ft.get("dtype") in CAMERA_DTYPES)
     views: dict[str, str] = {}
     for key in cameras or videos:
         if key not in info["features"] and VIEW_PREFIX + key in videos:
             key = VIEW_PREFIX + key  # a short name such as "top"
         if key not in videos:
-            raise ValueError(f"{info['_path']}: camera {key!r} is not a video feature in 'features' "
-                             f"(video features: {videos})")
+            raise ValueError(f"{info['_path']}: camera {key!r} is not a video or image feature in 'features' "
+                             f"(camera features: {videos})")
         view = safe_name(key[len(VIEW_PREFIX):] if key.startswith(VIEW_PREFIX) else key.split(".")[-1])
         if view in views.values():
             raise ValueError(f"{info['_path']}: cameras {key!r} and another one both map to view {view!r}")
         views[key] = view
     if not views:
-        raise ValueError(f"{info['_path']}: no video features in 'features'")
+        raise ValueError(f"{info['_path']}: no video or image features in 'features'")
     return views
 
 
@@ -252,8 +265,9 @@ class LeRobotReader:
             if key not in info["features"]:
                 raise ValueError(f"{info['_path']}: no feature {key!r} in 'features' "
                                  f"(features: {sorted(info['features'])})")
-        if "video_path" not in info or not info["video_path"]:
-            raise ValueError(f"{info['_path']}: missing field 'video_path'")
+        self.videos = [k for k in views if info["features"][k].get("dtype") == "video"]
+        if self.videos and not info.get("video_path"):
+            raise ValueError(f"{info['_path']}: missing field 'video_path' (needed for video features {self.videos})")
         self.root, self.info, self.views, self.tasks = root, info, views, tasks
         self.state_key, self.action_key = state_key, action_key
         self._table: tuple[Optional[str], Any] = (None, None)
@@ -275,12 +289,12 @@ class LeRobotReader:
             chunk = ep // int(self.info.get("chunks_size", 1000))
             data = self.info["data_path"].format(episode_chunk=chunk, episode_index=ep)
             videos = {k: (self.info["video_path"].format(episode_chunk=chunk, video_key=k, episode_index=ep), 0.0)
-                      for k in self.views}
+                      for k in self.videos}
         else:
             data = self.info["data_path"].format(chunk_index=int(self._field(row, "data/chunk_index")),
                                                  file_index=int(self._field(row, "data/file_index")))
             videos = {}
-            for k in self.views:
+            for k in self.videos:
                 chunk, file = (int(self._field(row, f"videos/{k}/{n}")) for n in ("chunk_index", "file_index"))
                 videos[k] = (self.info["video_path"].format(video_key=k, chunk_index=chunk, file_index=file),
                              float(self._field(row, f"videos/{k}/from_timestamp")))
@@ -338,8 +352,8 @@ class LeRobotReader:
         except (VideoDecodeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from exc
 
-    def read(self, row: dict[str, Any], fallback_instruction: Optional[str]) -> tuple[Episode, str]:
-        """Load one episode -> (Episode, where).
+    def read(self, row: dict[str, Any], fallback_instruction: Optional[str]) -> list[tuple[str, Episode, str]]:
+        """Load one episode -> [(sample key, Episode, where)]: one entry, or one per task segment.
 
         Args:
             row: the episode's metadata.
@@ -354,8 +368,44 @@ class LeRobotReader:
                 raise
             raise ValueError(f"{data_path}: episode {ep}: {exc}") from exc
 
+    def image_frames(self, table, key: str, where: str) -> np.ndarray:
+        """Frames of image feature `key` stored in the data parquet (use_videos=False) -> uint8 [T, H, W, 3]. A cell is
+        HF datasets' Image struct {bytes, path}: encoded bytes, or a path relative to the dataset folder."""
+        from PIL import Image, UnidentifiedImageError
+
+        if key not in table.column_names:
+            raise ValueError(f"{where}: no column {key!r} for image feature {key!r}")
+        frames = []
+        for t, cell in enumerate(table.column(key).to_pylist()):
+            data = cell.get("bytes") if isinstance(cell, dict) else cell if isinstance(cell, bytes) else None
+            path = cell.get("path") if isinstance(cell, dict) else None
+            try:
+                if data:
+                    img = Image.open(io.BytesIO(data))
+                elif path:
+                    img = Image.open(path if os.path.isabs(path) else os.path.join(self.root, path))
+                else:
+                    raise ValueError("neither bytes nor a path")
+                frames.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+            except (OSError, ValueError, UnidentifiedImageError) as exc:
+                raise ValueError(f"{where}: column {key!r} frame {t}: not a readable image: {exc}") from None
+        if len({f.shape for f in frames}) > 1:
+            raise ValueError(f"{where}: column {key!r} has frames of different sizes")
+        return np.stack(frames)
+
+    def _frame_tasks(self, table, row: dict[str, Any], data_path: str, ep: int) -> Optional[list[str]]:
+        """Each frame's task text from its task_index, or None when the data has no task_index column."""
+        if "task_index" not in table.column_names or not table.num_rows:
+            return None
+        index = column_array(table, "task_index", data_path)[:, 0].astype(np.int64)
+        unknown = sorted(set(index.tolist()) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"{data_path}: episode {ep}: task_index {unknown[0]} is not in the dataset's tasks file "
+                             f"(meta/tasks.{'parquet' if self.info['_v3'] else 'jsonl'}: {sorted(self.tasks)})")
+        return [self.tasks[int(i)] for i in index]
+
     def _read(self, row: dict[str, Any], ep: int, data_path: str, videos: dict[str, tuple[str, float]],
-              fallback_instruction: Optional[str]) -> tuple[Episode, str]:
+              fallback_instruction: Optional[str]) -> list[tuple[str, Episode, str]]:
         table = self.episode_table(row, data_path)
         where = f"{data_path}: episode {ep}"
         if "timestamp" in table.column_names:
@@ -363,18 +413,36 @@ class LeRobotReader:
         else:
             times = column_array(table, "frame_index", data_path)[:, 0] / float(self.info["fps"])
         frames = {self.views[k]: self.video_frames(k, p, t0 + times, f"episode {ep}") for k, (p, t0) in videos.items()}
-        tasks = [t for t in (row.get("tasks") or []) if isinstance(t, str)]
-        if not tasks and "task_index" in table.column_names and table.num_rows:
-            tasks = [self.tasks.get(int(column_array(table, "task_index", data_path)[0, 0]), "")]
-        instruction = pick_instruction(f"{row['_file']}: episode {ep}", tasks[0] if tasks else None,
-                                       fallback_instruction, "'tasks'")
+        frames.update({self.views[k]: self.image_frames(table, k, where) for k in self.views if k not in videos})
+        state = column_array(table, self.state_key, data_path)
+        action = column_array(table, self.action_key, data_path)
         extra = {"episode_index": ep, "lerobot_version": self.info["codebase_version"],
                  "robot_type": self.info.get("robot_type")}
-        if len(tasks) > 1:
-            extra["tasks"] = tasks
-        return Episode(frames, column_array(table, self.state_key, data_path),
-                       column_array(table, self.action_key, data_path), instruction, float(self.info["fps"]),
-                       extra), where
+        per_frame = self._frame_tasks(table, row, data_path, ep)
+        if per_frame is None:  # only the episode's task list: its order is arbitrary, so sort it
+            listed = sorted({t for t in (row.get("tasks") or []) if isinstance(t, str)})
+            if len(listed) > 1:
+                log.warning("%s: %d tasks and no per-frame task_index: using %r", where, len(listed), listed[0])
+                extra["tasks"] = listed
+            per_frame = [listed[0] if listed else None] * len(state)
+        # Contiguous runs of one task: [(start, stop, task)].
+        runs, start = [], 0
+        for t in range(1, len(per_frame) + 1):
+            if t == len(per_frame) or per_frame[t] != per_frame[start]:
+                runs.append((start, t, per_frame[start]))
+                start = t
+        key = f"episode_{ep:06d}"
+        out = []
+        for n, (a, b, task) in enumerate(runs):
+            instruction = pick_instruction(f"{row['_file']}: episode {ep}", task, fallback_instruction, "the task")
+            meta = dict(extra)
+            if len(runs) > 1:
+                meta.update(segment=n, frame_range=[a, b], tasks_in_episode=sorted({r[2] for r in runs if r[2]}))
+            out.append((f"{key}_part{n:02d}" if len(runs) > 1 else key,
+                        Episode({v: f[a:b] for v, f in frames.items()}, state[a:b], action[a:b], instruction,
+                                float(self.info["fps"]), meta),
+                        where if len(runs) == 1 else f"{where} frames {a}..{b - 1}"))
+        return out
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
@@ -398,9 +466,9 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
     def episodes() -> Iterator[tuple[str, Episode, str]]:
         for row in rows:
-            ep, where = reader.read(row, args.instruction)
-            ep.frames = resize_views(ep.frames, args.image_size, where)
-            yield f"episode_{int(row['episode_index']):06d}", ep, where
+            for key, ep, where in reader.read(row, args.instruction):
+                ep.frames = resize_views(ep.frames, args.image_size, where)
+                yield key, ep, where
 
     return write_episodes(episodes(), len(rows), args, f"lerobot:{os.path.basename(root)}", "lerobot episodes")
 
