@@ -62,3 +62,14 @@ def test_gr_presets_command(capsys):
     main(["presets"])
     out = capsys.readouterr().out
     assert '"B"' in out and '"ratio"' in out
+
+
+@pytest.mark.parametrize("cmd, usage", [("export", "gr export [-h]"), ("serve", "gr serve [-h] --checkpoint"),
+                                        ("report", "gr report [-h]")])
+def test_new_subcommands_have_help(cmd, usage, capsys):
+    from gr.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {usage}")

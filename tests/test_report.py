@@ -85,8 +85,10 @@ def test_report_refuses_an_empty_folder(tmp_path, capsys):
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     report_main([str(run_dir), "--out", str(tmp_path / "report.html")])
     url = "file://" + str(tmp_path / "report.html")
+    # Root needs --no-sandbox; the network flags keep Chromium from calling out on a machine with no internet.
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--mute-audio",
-             "--no-first-run", "--virtual-time-budget=15000", f"--user-data-dir={tmp_path / 'profile'}"]
+             "--no-first-run", "--disable-quic", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--virtual-time-budget=15000", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(flags + ["--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True,
                          text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-3000:]
