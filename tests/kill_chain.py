@@ -29,11 +29,13 @@ def kill_steps(seed: int, last_step: int, kills: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(1, last_step), kills))
 
 
-def run_with_kills(script: str, cfg: str, ckpt_dir: str, steps: list[int], timeout: float = 600) -> None:
+def run_with_kills(script: str, cfg: str, ckpt_dir: str, steps: list[int], timeout: float = 600,
+                   extra: tuple[str, ...] = ()) -> None:
     """Run `cfg` (whose max_steps is the full run and which checkpoints every step into `ckpt_dir`), killing it with
-    SIGKILL once `step{k:06d}.ckpt` exists for each k in `steps`, then let the last resume finish."""
+    SIGKILL once `step{k:06d}.ckpt` exists for each k in `steps`, then let the last resume finish. `extra` goes on
+    every command line (a strategy overlay, devices)."""
     for i, k in enumerate(steps + [None]):
-        proc = start(script, cfg, *(["--ckpt_path", "last"] if i else []))
+        proc = start(script, cfg, *extra, *(["--ckpt_path", "last"] if i else []))
         if k is None:
             assert proc.wait(timeout=timeout) == 0, proc.stderr.read().decode()[-3000:]
             return
