@@ -10,6 +10,8 @@ Prints one JSON object. Two sections:
   tokens/s; the ratio is ours / reference (target >= 1.0). Where ours differs by design: its loss reads only the
   future frame, so the last block and the head run for those rows only (`GPTTrunk(num_outputs=...)`), and it masks
   padded text keys.
+- `decode_sandbox` (on request): per-step time of training from raw mp4 shards with the crash-isolating decoder
+  child against decoding in-process (`decode_sandbox_run`; target ratio <= 1.05).
 - `lightning` (default on a GPU): `PretrainModule` under the Lightning Trainer with a strategy from
   configs/strategy/*.yaml (or `auto`), a precision and optional activation checkpointing / torch.compile, on
   pre-tokenized synthetic batches (codes + captions; the frozen CLIP text tower runs online, as in real pretraining
@@ -324,6 +326,58 @@ def lightning_run(preset: str, strategy: str, precision: str, batch: int, steps:
     return out
 
 
+def decode_sandbox_run(steps: int, warmup: int, batch: int, num_workers: int, repeats: int = 2,
+                       num_clips: int = 256) -> dict:
+    """Per-step cost of the crash-isolating decoder child (gr/data/decode_sandbox.py, on by default): the demo's
+    pretraining model trained from raw mp4 shards (decode + frozen VQGAN online, the path that decodes every step),
+    with GR_DECODE_SANDBOX=0 and =1 alternately in one run. A step is the wall time from one batch's start to the
+    next one's, so it includes fetching the batch. Target: sandboxed / in-process <= 1.05."""
+    import tempfile
+
+    import lightning as L
+    import yaml
+
+    from data_prep.make_synthetic_video import main as make_synthetic
+    from gr.data.datamodule import VideoDataModule
+    from gr.training.pretrain import PretrainModule
+
+    with open(os.path.join(REPO, "configs", "demo", "pretrain.yaml")) as f:
+        init = yaml.safe_load(f)["model"]["init_args"]
+    size = init["model"]["clip"]["image_size"]
+    init["image_tokenizer"] = {"codebook_size": 1024, "embed_dim": 32, "ch": 32, "ch_mult": [1, 2, 2, 4],
+                               "z_channels": 64, "resolution": size}  # the demo tokenizer's architecture
+    times: dict[str, list[float]] = {"in_process": [], "sandboxed": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_synthetic(["--out", tmp, "--num-train", str(num_clips), "--num-val", "0", "--size", str(size),
+                               "--per-shard", "64", "--fps", str(init["model"]["clip"].get("fps", 10.0))])
+        for _ in range(repeats):
+            for mode in ("in_process", "sandboxed"):
+                os.environ["GR_DECODE_SANDBOX"] = "0" if mode == "in_process" else "1"
+                starts: list[float] = []
+
+                class Iter(L.Callback):
+                    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                        starts.append(time.perf_counter())
+
+                torch.manual_seed(0)
+                module = PretrainModule(**init)
+                dm = VideoDataModule(train_shards=data["train_shards"], batch_size=batch, num_workers=num_workers,
+                                     shuffle_buffer=64, resampled=True)
+                trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps + 1, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, callbacks=[Iter()], limit_val_batches=0)
+                trainer.fit(module, datamodule=dm)
+                gaps = [b - a for a, b in zip(starts, starts[1:])][warmup:]
+                times[mode].append(statistics.median(gaps))
+        os.environ.pop("GR_DECODE_SANDBOX", None)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {"num_workers": num_workers, "batch": batch, "steps_timed": steps, "repeats": repeats,
+            "image_size": size, "step_seconds": {m: round(v, 4) for m, v in med.items()},
+            "per_run_step_seconds": {m: [round(x, 4) for x in v] for m, v in times.items()},
+            "ratio_sandboxed_over_in_process": round(med["sandboxed"] / med["in_process"], 4),
+            "target_ratio": 1.05, "meets_target": med["sandboxed"] / med["in_process"] <= 1.05}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -348,7 +402,8 @@ def machine_info(device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", nargs="+", choices=["trunk_vs_reference", "lightning"], default=None,
+    p.add_argument("--sections", nargs="+", choices=["trunk_vs_reference", "lightning", "decode_sandbox"],
+                   default=None,
                    help="default: trunk_vs_reference on the CPU, both on a GPU")
     p.add_argument("--presets", nargs="+", default=None,
                    help="presets or LAYERSxWIDTHxHEADS trunks (default: S on the CPU, S B on a GPU)")
@@ -364,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--text-model", default="ViT-B-32", help="open_clip text tower run online (random weights)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the per-device peak used for MFU")
+    p.add_argument("--num-workers", type=int, nargs="+", default=[0, 2],
+                   help="decode_sandbox section: DataLoader workers, one measurement each")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -386,6 +443,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["lightning"] = {pr: lightning_run(pr, args.strategy, precision, batch, steps, args.warmup_steps, grid,
                                                  args.vocab, device, args.devices, args.activation_checkpointing,
                                                  args.compile, args.text_model, args.peak_tflops) for pr in presets}
+    if "decode_sandbox" in sections and not child:
+        result["decode_sandbox"] = [decode_sandbox_run(args.steps or 20, 5, args.batch_size or 16, w)
+                                    for w in args.num_workers]
     if child:
         return result
     text = json.dumps(result, indent=2)
