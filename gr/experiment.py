@@ -41,6 +41,7 @@ from glob import glob
 from typing import Any, Optional
 
 from gr.demo import EVAL_EXECUTE_STEPS, REPO, _run_config
+from gr.export import file_digest
 from gr.safe_load import load_checkpoint
 
 EVAL_SEED = 0  # every arm is evaluated on the layouts of episode_seed(EVAL_SEED, task, "test", i)
@@ -352,16 +353,6 @@ def comparable_config(cfg: dict) -> dict:
     for key in ("train_shards", "val_shards", "stats_file"):
         cfg.get("data", {}).get("init_args", {}).pop(key, None)
     return cfg
-
-
-def file_digest(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def reused_scratch_arm(args: argparse.Namespace, spec: dict, data: dict, demos: int, seed: int) -> Optional[dict]:

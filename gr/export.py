@@ -298,7 +298,8 @@ def text_tower_fingerprint(encoder) -> str:
     return h.hexdigest()[:16]
 
 
-def _sha256(path: str) -> str:
+def file_digest(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -398,7 +399,7 @@ def _write_encoders(module: ExportedModule, hp: dict[str, Any], folder: str, bun
     else:
         image["checkpoint"] = os.path.abspath(image["checkpoint"])
         image["yaml"] = os.path.abspath(image.get("yaml") or os.path.splitext(image["checkpoint"])[0] + ".yaml")
-        image_ref.update(source="reference", sha256=_sha256(image["checkpoint"]))
+        image_ref.update(source="reference", sha256=file_digest(image["checkpoint"]))
     text_ref: dict[str, Any] = {"model_name": text.get("model_name"),
                                 "fingerprint": text_tower_fingerprint(module.text_encoder)}
     if not text.get("pretrained"):
@@ -411,7 +412,7 @@ def _write_encoders(module: ExportedModule, hp: dict[str, Any], folder: str, bun
         text["pretrained"] = f"{ENCODERS}/{name}"
     else:
         text["pretrained"] = os.path.abspath(text["pretrained"])
-        text_ref.update(source="reference", sha256=_sha256(text["pretrained"]))
+        text_ref.update(source="reference", sha256=file_digest(text["pretrained"]))
     hp["image_tokenizer"], hp["text_encoder"] = image, text
     return {"image_tokenizer": image_ref, "text_encoder": text_ref}
 

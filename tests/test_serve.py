@@ -15,9 +15,7 @@ from gr.policy import GRPolicy
 from gr.serve import PolicyServer, ServerThread
 from gr.training.finetune import FinetuneModule
 from tests.conftest import REPO, TINY_ROBOT_MODEL, module_init_args
-
-STATS = {"state": {"mean": [0.0] * 4, "std": [0.2] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
-         "action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0] * 4, "max": [1.0] * 4}}
+from tests.test_eval import STATS
 
 
 @pytest.fixture(scope="module")
