@@ -127,6 +127,20 @@ def _presets() -> None:
     print(json.dumps(rows, indent=2))
 
 
+# Subcommands that are a module's own argparse CLI: name -> (module with main(argv), help line).
+TOOLS = {
+    "eval": ("gr.evaluate", "closed-loop success rate on Meta-World: gr eval --checkpoint CKPT"),
+    "rollout": ("gr.rollout", "generate future frames beside the ground truth: gr rollout --checkpoint CKPT "
+                "--source SHARDS"),
+    "experiment": ("gr.experiment", "pretrained vs scratch finetuning at several demo counts: gr experiment "
+                   "--pretrained CKPT --pretrain-includes-target-tasks {yes,no}"),
+    "export": ("gr.export", "portable export folder (model.safetensors, config.json, README card): gr export "
+               "CKPT OUT_DIR"),
+    "serve": ("gr.serve", "policy server over a websocket (msgpack): gr serve --checkpoint CKPT --port N"),
+    "report": ("gr.report", "self-contained report.html of a run: gr report RUN_DIR"),
+}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="gr", description="GR-2-style video-generative robot policies")
@@ -140,45 +154,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.add_parser("presets", help="print trainable parameter counts of the S/B/L/XL presets")
     sub.add_parser("finetune", help="LightningCLI for robot finetuning: gr finetune fit --config configs/finetune.yaml",
                    add_help=False)
-    sub.add_parser("eval", help="closed-loop success rate on Meta-World: gr eval --checkpoint CKPT", add_help=False)
-    sub.add_parser("rollout", help="generate future frames beside the ground truth: gr rollout --checkpoint CKPT "
-                   "--source SHARDS", add_help=False)
-    sub.add_parser("experiment", help="pretrained vs scratch finetuning at several demo counts: gr experiment "
-                   "--pretrained CKPT --pretrain-includes-target-tasks {yes,no}", add_help=False)
-    sub.add_parser("export", help="portable export folder (model.safetensors, config.json, README card): gr export "
-                   "CKPT OUT_DIR", add_help=False)
-    sub.add_parser("serve", help="policy server over a websocket (msgpack): gr serve --checkpoint CKPT --port N",
-                   add_help=False)
-    if argv and argv[0] == "serve":
-        from gr.serve import main as serve_main
+    for name, (_, text) in TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    if argv and argv[0] in TOOLS:  # each tool parses its own arguments (and --help)
+        import importlib
 
-        serve_main(argv[1:])
-        return
-    sub.add_parser("report", help="self-contained report.html of a run: gr report RUN_DIR", add_help=False)
-    if argv and argv[0] == "report":
-        from gr.report import main as report_main
-
-        report_main(argv[1:])
-        return
-    if argv and argv[0] == "export":
-        from gr.export import main as export_main
-
-        export_main(argv[1:])
-        return
-    if argv and argv[0] == "experiment":
-        from gr.experiment import main as experiment_main
-
-        experiment_main(argv[1:])
-        return
-    if argv and argv[0] == "rollout":
-        from gr.rollout import main as rollout_main
-
-        rollout_main(argv[1:])
-        return
-    if argv and argv[0] == "eval":
-        from gr.evaluate import main as eval_main
-
-        eval_main(argv[1:])
+        importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
         return
     if argv and argv[0] in ("pretrain", "tokenizer", "finetune"):  # all the LightningCLI; the config picks the module
         run_lightning_cli(argv[1:])
