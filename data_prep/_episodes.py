@@ -181,6 +181,7 @@ def write_episodes(episodes: Iterable[tuple[str, Episode, str]], total: int, arg
     if total == 0:
         raise ValueError(f"{source}: no episodes found (empty dataset)")
     created = not os.path.exists(args.out)
+    before = set() if created else set(os.listdir(args.out))  # never removed on a failure: an earlier import's
     writer = EpisodeShardWriter(args.out, args.prefix, args.per_shard, source=source)
     seen: set[str] = set()
     try:
@@ -192,13 +193,16 @@ def write_episodes(episodes: Iterable[tuple[str, Episode, str]], total: int, arg
                 check_episode(ep, where, writer.views)
                 writer.write(key, ep)
     except BaseException:
-        # A failed import leaves nothing: not the shards finished before the error, not the folder it created.
+        # A failed import leaves nothing of its own: no shard, statistics file or temp file it wrote, and not the
+        # folder it created. Files that were there before it (an earlier import's) are kept.
         _remove_partials(writer)
-        for path in writer.shards + [os.path.join(args.out, f"{args.prefix}-stats.json")]:
-            if os.path.exists(path):
-                os.remove(path)
         if created:
             shutil.rmtree(args.out, ignore_errors=True)
+        elif os.path.isdir(args.out):
+            for name in set(os.listdir(args.out)) - before:
+                path = os.path.join(args.out, name)
+                if os.path.isfile(path) and name.startswith(f"{args.prefix}-"):
+                    os.remove(path)
         raise
     return {"episodes": writer.count, "frames": writer.num_frames, "shards": writer.pattern, "views": writer.views,
             "stats_file": os.path.join(args.out, f"{args.prefix}-stats.json")}

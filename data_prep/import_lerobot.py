@@ -208,7 +208,12 @@ def load_tasks(root: str, info: dict[str, Any]) -> dict[int, str]:
     path = os.path.join(root, "meta", "tasks.parquet")
     if not os.path.isfile(path):
         return {}
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable parquet file: {exc}") from None
+    if "task_index" not in df.columns:
+        raise ValueError(f"{path}: no column 'task_index' (columns: {list(df.columns)})")
     texts = df["task"] if "task" in df.columns else df.index  # lerobot keeps the task text as the index
     return {int(i): str(t) for i, t in zip(df["task_index"], texts)}
 

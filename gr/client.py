@@ -24,6 +24,10 @@ WIRE_DTYPES = ("|u1", "|i1", "<u2", "<i2", "<i4", "<i8", "<f2", "<f4", "<f8", "|
 def _encode(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))  # little-endian on the wire
+        if a.dtype.str not in WIRE_DTYPES:  # uint32/uint64 and the like: widen or convert to a wire dtype
+            if a.dtype.kind not in "uif":
+                raise TypeError(f"cannot send an array of dtype {obj.dtype}")
+            a = a.astype("<f8" if a.dtype.kind == "f" else "<i8")
         return {"__ndarray__": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
     if isinstance(obj, np.generic):
         return obj.item()

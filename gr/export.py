@@ -15,8 +15,8 @@ What `gr export` reads: a Lightning `.ckpt` file, a DeepSpeed ZeRO-2/3 checkpoin
 `checkpoint`, the Lightning state as client state), or a torch.distributed.checkpoint folder (FSDP2 /
 ModelParallelStrategy with `save_distributed_checkpoint: true`: `.metadata`, `*.distcp`, `meta.pt`). Sharded ones are
 consolidated on the CPU in one process. None of them runs code from the files: `.ckpt` and DeepSpeed files go
-through gr.safe_load's unpickler, and a DCP `.metadata` pickle is checked to name only checkpoint-metadata classes
-before torch reads it.
+through gr.safe_load's unpickler, and a DCP `.metadata` pickle is read by an unpickler that knows only DCP's metadata
+classes (torch itself would `pickle.load` it).
 
 `load_export(folder)` rebuilds the model as an `ExportedModule` (GR model + frozen encoders + statistics) from these
 files: no Lightning import, no Trainer. `GRPolicy.from_pretrained`, `gr rollout` and `gr eval` take the folder
@@ -177,50 +177,79 @@ def _read_deepspeed(folder: str) -> dict[str, Any]:
     return ckpt
 
 
-# The globals a torch.distributed.checkpoint `.metadata` pickle needs: its dataclasses and enums, torch sizes, dtypes
-# and layouts (`_get_layout` only maps a name such as "torch.strided" to the layout object), paths, plain containers.
-_DCP_MODULE_PREFIX = "torch.distributed.checkpoint."
-_DCP_FUNCTIONS = {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                  ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}  # the checkpoint id, a path
+# The only globals a torch.distributed.checkpoint `.metadata` pickle may name: DCP's metadata dataclasses and enum,
+# torch sizes, dtypes and layouts (`_get_layout` maps a name such as "torch.strided" to the layout), the checkpoint id's
+# path class, plain containers. Constructing any of these with arguments from the file runs no other code.
+_DCP_GLOBALS = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 
 
-class _MetadataChecker(pickle.Unpickler):
+class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         from gr.safe_load import _safe_global
 
         found = _safe_global(module, name)
         if found is not None:
             return found
-        if (module, name) in _DCP_FUNCTIONS:
-            return getattr(__import__(module, fromlist=[name]), name)
-        if module.startswith(_DCP_MODULE_PREFIX) or module == "torch.distributed.checkpoint":
-            obj = getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name, None)
-            if isinstance(obj, type):
-                return obj
+        if (module, name) in _DCP_GLOBALS:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
         raise pickle.UnpicklingError(f"names {module}.{name}, which is not checkpoint metadata")
 
 
 def _read_dcp(folder: str) -> dict[str, Any]:
-    """Consolidate a torch.distributed.checkpoint folder (Lightning's sharded FSDP2 layout) on the CPU."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """Consolidate a torch.distributed.checkpoint folder (Lightning's sharded FSDP2 layout) on the CPU, model weights
+    only. torch's own reader unpickles `.metadata` with plain pickle and loads byte entries with weights_only=False;
+    here the metadata is unpickled once, by an unpickler that knows only the classes above, and byte entries go through
+    gr.safe_load."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     from gr.safe_load import load_checkpoint
 
     meta_path = os.path.join(folder, ".metadata")
     try:
         with open(meta_path, "rb") as f:
-            _MetadataChecker(f).load()  # before torch itself unpickles it
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            metadata = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as exc:
         raise ValueError(f"{meta_path!r}: refusing the checkpoint metadata: {exc}") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "full.pt")
-        dcp_to_torch_save(folder, out)
-        full = torch.load(out, map_location="cpu", weights_only=True)
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"{meta_path!r}: refusing the checkpoint metadata: a {type(metadata).__name__}, not Metadata")
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = load_checkpoint(value)  # tensors and plain values; any other global is inert
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    full: dict[str, Any] = {}
+    try:
+        _load_state_dict(full, storage_reader=Reader(folder), planner=Planner(keys=["state_dict"]), no_dist=True)
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"{folder!r}: cannot read the distributed checkpoint: {exc}") from exc
     meta_file = os.path.join(folder, "meta.pt")  # Lightning's: everything but the model and optimizer states
     ckpt = dict(load_checkpoint(meta_file)) if os.path.isfile(meta_file) else {}
-    if "state_dict" not in full:
+    if not isinstance(full.get("state_dict"), dict):
         raise ValueError(f"{folder!r}: the distributed checkpoint has no 'state_dict' entry (keys: {sorted(full)[:5]})")
-    ckpt["state_dict"] = {k: v.contiguous() for k, v in full["state_dict"].items()}
+    ckpt["state_dict"] = {k: v.contiguous() if isinstance(v, torch.Tensor) else v
+                          for k, v in full["state_dict"].items()}
     return ckpt
 
 
@@ -329,8 +358,15 @@ def export(checkpoint: str, out_dir: str, bundle_encoders: bool = True, eval_jso
 
     from gr.safe_load import resolve_class_path
 
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"OUT_DIR {out_dir!r} exists and is not empty (pass --overwrite to replace it)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise ValueError(f"OUT_DIR {out_dir!r} exists and is not empty (pass --overwrite to replace it)")
+        if not is_export(out_dir):  # --overwrite replaces an earlier export, never a run folder or anything else
+            raise ValueError(f"OUT_DIR {out_dir!r} is not a gr export folder (no config.json of format {FORMAT!r}): "
+                             "--overwrite only replaces an earlier export")
+    inside = os.path.abspath(checkpoint).startswith(os.path.join(os.path.abspath(out_dir), ""))
+    if inside or os.path.abspath(checkpoint) == os.path.abspath(out_dir):
+        raise ValueError(f"OUT_DIR {out_dir!r} holds the checkpoint {checkpoint!r}: choose another folder")
     ckpt = read_training_checkpoint(checkpoint)
     hp = dict(ckpt.get("hyper_parameters") or {})
     class_path = hp.pop("_class_path", None)

@@ -48,7 +48,6 @@ class GRPolicy:
         a = {k: np.asarray(v, np.float32) for k, v in stats["action"].items()}
         self.action_mean, self.action_std, self.action_low, self.action_high = (
             a["mean"], np.maximum(a["std"], 1e-3), a["min"], a["max"])
-        self._text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset()
 
     @classmethod
@@ -81,9 +80,9 @@ class GRPolicy:
 
     # ---- observation -> model inputs ----
     def _text_features(self, instruction: str):
-        if instruction not in self._text:
-            self._text[instruction] = self.module.text_encoder([instruction])
-        return self._text[instruction]
+        # One caption per call, so features never depend on what else is in a batch; the text encoder's own LRU
+        # (bounded in entries and bytes, text_encoder.cache_size / cache_mib) caches them.
+        return self.module.text_encoder([instruction])
 
     def check_observation(self, obs: Any) -> None:
         """Raise a ValueError naming the field when `obs` does not fit the model (views, image shapes, state size,
@@ -106,6 +105,12 @@ class GRPolicy:
         state = np.shape(obs["state"])
         if state != (self.robot.state_dim,):
             raise ValueError(f"obs['state'] has shape {state}, the model expects ({self.robot.state_dim},)")
+        try:
+            finite = bool(np.isfinite(np.asarray(obs["state"], np.float64)).all())
+        except (TypeError, ValueError):
+            raise ValueError("obs['state'] must be numbers") from None
+        if not finite:
+            raise ValueError("obs['state'] has NaN or infinite values")
         if not isinstance(obs.get("instruction"), str):
             raise ValueError("obs['instruction'] must be a string")
 

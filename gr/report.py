@@ -69,8 +69,10 @@ class _Embedder:
         size = os.path.getsize(path)
         mime = MIME.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
         if size > self.left:
+            from urllib.parse import quote
+
             self.linked.append(path)
-            return html.escape(os.path.relpath(path, self.out_dir))
+            return html.escape(quote(os.path.relpath(path, self.out_dir)))
         self.left -= size
         with open(path, "rb") as f:
             return f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"
@@ -200,10 +202,12 @@ def _media(path: str, emb: _Embedder, caption: str) -> str:
     return f'<figure><img alt="{html.escape(os.path.basename(path))}" src="{src}">{cap}</figure>'
 
 
-def _resolve(path: str, folder: str) -> Optional[str]:
-    """A media path as recorded (absolute or relative to where the run was started), else the same name in folder."""
+def _resolve(path: str, folder: str, run_dir: str) -> Optional[str]:
+    """A media path as recorded (absolute or relative to where the run was started), else the same name in folder;
+    only files inside RUN_DIR, so a metrics.json naming some other file never puts it in a report meant to be sent."""
+    root = os.path.join(os.path.realpath(run_dir), "")
     for candidate in (path, os.path.join(folder, path), os.path.join(folder, os.path.basename(path))):
-        if candidate and os.path.isfile(candidate):
+        if candidate and os.path.isfile(candidate) and os.path.realpath(candidate).startswith(root):
             return candidate
     return None
 
@@ -244,14 +248,14 @@ def render(run_dir: str, out_path: str, max_embed_mib: float = 50.0) -> dict[str
         for view, m in (metrics.get("per_view") or {}).items():
             w(f"<p>view <b>{html.escape(str(view))}</b></p>" + _horizon_table(m))
         media = []
-        plot = _resolve(str(doc.get("plot") or "metrics.png"), ro["dir"])
+        plot = _resolve(str(doc.get("plot") or "metrics.png"), ro["dir"], run_dir)
         if plot:
             n_plots += 1
             media.append(f'<figure><img class="plot" alt="metrics plot" src="{emb.uri(plot)}">'
                          "<figcaption>metrics per horizon step</figcaption></figure>")
         for s in doc["samples"]:
             for key in ("gif", "mp4"):
-                path = _resolve(str(s.get(key) or ""), ro["dir"]) if s.get(key) else None
+                path = _resolve(str(s.get(key) or ""), ro["dir"], run_dir) if s.get(key) else None
                 if path:
                     media.append(_media(path, emb, f"{s.get('name', '')}: {s.get('caption', '')}"))
         w('<div class="media">' + "".join(media) + "</div>")
@@ -266,7 +270,7 @@ def render(run_dir: str, out_path: str, max_embed_mib: float = 50.0) -> dict[str
         rows.append(["mean", f"{100 * doc.get('mean_success_rate', 0):.1f}%", "", ""])
         w(_table(["task", "success", "episodes", "mean steps to success"], rows))
         media = [_media(p, emb, t) for t, r in doc["tasks"].items() if r.get("video")
-                 for p in [_resolve(str(r["video"]), ev["dir"])] if p]
+                 for p in [_resolve(str(r["video"]), ev["dir"], run_dir)] if p]
         w('<div class="media">' + "".join(media) + "</div>")
     if found["configs"]:
         w("<h2>Resolved configs</h2>")

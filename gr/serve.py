@@ -52,12 +52,15 @@ class PolicyServer:
         max_sessions: open sessions kept; beyond it the least recently used one is dropped (its next act is refused
             as an unknown session).
         max_request_bytes: the largest websocket message accepted.
+        max_connections: open connections served at once.
     """
 
-    def __init__(self, policy, max_batch: int = 16, max_sessions: int = 256, max_request_bytes: int = 16 * 2**20):
-        if max_batch < 1 or max_sessions < 1 or max_request_bytes < 1024:
-            raise ValueError("max_batch and max_sessions must be >= 1, max_request_bytes >= 1024")
+    def __init__(self, policy, max_batch: int = 16, max_sessions: int = 256, max_request_bytes: int = 16 * 2**20,
+                 max_connections: int = 64):
+        if max_batch < 1 or max_sessions < 1 or max_request_bytes < 1024 or max_connections < 1:
+            raise ValueError("max_batch, max_sessions and max_connections must be >= 1, max_request_bytes >= 1024")
         self.policy, self.max_batch, self.max_sessions = policy, max_batch, max_sessions
+        self.max_connections, self.connections = max_connections, 0
         self.max_request_bytes = max_request_bytes
         self.sessions: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
         self.latency_ms: collections.deque = collections.deque(maxlen=4096)
@@ -71,7 +74,8 @@ class PolicyServer:
         robot, clip = self.policy.robot, self.policy.clip
         return {"views": list(robot.view_names), "image_size": clip.image_size, "state_dim": robot.state_dim,
                 "action_dim": robot.action_dim, "action_chunk": robot.action_chunk, "num_history": clip.num_history,
-                "max_batch": self.max_batch, "max_request_bytes": self.max_request_bytes}
+                "max_batch": self.max_batch, "max_request_bytes": self.max_request_bytes,
+                "max_connections": self.max_connections}
 
     def stats(self) -> dict[str, Any]:
         lat = sorted(self.latency_ms)
@@ -82,11 +86,19 @@ class PolicyServer:
 
     # ---- requests ----
     async def handle(self, ws) -> None:
-        """One websocket connection: each message gets exactly one reply."""
-        async for message in ws:
-            t0 = time.perf_counter()
-            reply = await self._reply(message, t0)
-            await ws.send(pack(reply))
+        """One websocket connection: each message gets exactly one reply. Beyond `max_connections` a new connection
+        is closed at once with code 1013 (try again later)."""
+        if self.connections >= self.max_connections:
+            await ws.close(1013, f"server full: {self.max_connections} connections")
+            return
+        self.connections += 1
+        try:
+            async for message in ws:
+                t0 = time.perf_counter()
+                reply = await self._reply(message, t0)
+                await ws.send(pack(reply))
+        finally:
+            self.connections -= 1
 
     async def _reply(self, message: Any, t0: float) -> dict[str, Any]:
         self.requests += 1
@@ -116,6 +128,7 @@ class PolicyServer:
                     return {"ok": True}
                 if session not in self.sessions:
                     raise BadRequest(f"unknown session {session!r}: send {{'type': 'reset', 'session': ...}} first")
+                self.sessions.move_to_end(session)  # least recently *used* is dropped first
                 obs = req.get("obs")
                 self._check(obs)
                 future = asyncio.get_running_loop().create_future()
@@ -169,9 +182,13 @@ class PolicyServer:
                     seen.add(item[0])
                     batch.append(item)
             waiting = later
+            # The histories are taken here, on the event loop that also serves reset and close: a session closed or
+            # reset while the model runs keeps the batch valid (the old episode's history gets this step, the new
+            # one starts empty).
+            histories = [self.sessions.get(item[0]) for item in batch]
             start = time.perf_counter()
             try:
-                chunks = await loop.run_in_executor(self._executor, self._run, batch)
+                chunks = await loop.run_in_executor(self._executor, self._run, batch, histories)
             except Exception as exc:
                 log.exception("batch of %d failed", len(batch))
                 for *_, future, _t0 in batch:
@@ -190,17 +207,17 @@ class PolicyServer:
                                            "compute": round((end - start) * 1000, 3), "total": round(total, 3),
                                            "batch": len(batch)}))
 
-    def _run(self, batch: list) -> list[Optional[np.ndarray]]:
-        live = [(s, obs) for s, obs, *_ in batch if s in self.sessions]
-        out: dict[str, np.ndarray] = {}
+    def _run(self, batch: list, histories: list) -> list[Optional[np.ndarray]]:
+        live = [i for i, h in enumerate(histories) if h is not None]
+        out: list[Optional[np.ndarray]] = [None] * len(batch)
         if live:
-            entries = self.policy.encode_observations([obs for _, obs in live])
-            histories = [self.sessions[s] for s, _ in live]
-            for history, entry in zip(histories, entries):
-                self.policy.push_entry(history, entry)
-            chunks = self.policy.predict_chunks(histories, [obs["instruction"] for _, obs in live])
-            out = {s: c for (s, _), c in zip(live, chunks)}
-        return [out.get(s) for s, *_ in batch]
+            entries = self.policy.encode_observations([batch[i][1] for i in live])
+            for i, entry in zip(live, entries):
+                self.policy.push_entry(histories[i], entry)
+            chunks = self.policy.predict_chunks([histories[i] for i in live], [batch[i][1]["instruction"] for i in live])
+            for i, chunk in zip(live, chunks):
+                out[i] = chunk
+        return out
 
     # ---- running ----
     async def serve(self, host: str, port: int, ready: Optional[callable] = None,
@@ -210,7 +227,10 @@ class PolicyServer:
         self._queue = asyncio.Queue()
         worker = asyncio.create_task(self.batcher())
         try:
-            async with serve(self.handle, host, port, max_size=self.max_request_bytes, compression=None) as server:
+            # max_queue=2: a connection buffers at most two unread messages, so memory is bounded by
+            # max_connections x 2 x max_request_bytes.
+            async with serve(self.handle, host, port, max_size=self.max_request_bytes, max_queue=2,
+                             compression=None) as server:
                 bound = server.sockets[0].getsockname()[1]
                 log.info("gr serve: listening on ws://%s:%d", host, bound)
                 if ready is not None:
@@ -269,13 +289,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="the most concurrent requests run as one batch")
     p.add_argument("--max-sessions", type=int, default=256, help="open sessions kept (least recently used dropped)")
     p.add_argument("--max-request-mib", type=float, default=16.0, help="largest request accepted, in MiB")
+    p.add_argument("--max-connections", type=int, default=64, help="open connections served at once")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from gr.policy import GRPolicy
 
     try:
         policy = GRPolicy.from_checkpoint(args.checkpoint, map_location=args.device)
-        server = PolicyServer(policy, args.max_batch, args.max_sessions, int(args.max_request_mib * 2**20))
+        server = PolicyServer(policy, args.max_batch, args.max_sessions, int(args.max_request_mib * 2**20),
+                              args.max_connections)
     except ValueError as exc:
         print(f"gr serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -183,8 +183,17 @@ def test_export_cli_refuses_and_leaves_nothing(trained, tmp_path, capsys, monkey
         export(trained["ckpt"], str(tmp_path / "half"))
     assert sorted(os.listdir(tmp_path)) == ["evil.ckpt", "taken", "tok.ckpt"]
     monkeypatch.undo()
-    export_main([trained["ckpt"], str(taken), "--overwrite"])
-    assert "model.safetensors" in os.listdir(taken) and "x" not in os.listdir(taken)
+    with pytest.raises(SystemExit):  # --overwrite replaces an earlier export only, never another folder
+        export_main([trained["ckpt"], str(taken), "--overwrite"])
+    assert "is not a gr export folder" in capsys.readouterr().err and os.listdir(taken) == ["x"]
+    with pytest.raises(SystemExit):  # nor the run folder the checkpoint is in
+        export_main([trained["ckpt"], os.path.dirname(trained["ckpt"]), "--overwrite"])
+    assert "not a gr export folder" in capsys.readouterr().err and os.path.isfile(trained["ckpt"])
+    again = tmp_path / "again"
+    export_main([trained["ckpt"], str(again)])
+    (again / "stale.txt").write_text("from the earlier export")
+    export_main([trained["ckpt"], str(again), "--overwrite"])
+    assert "model.safetensors" in os.listdir(again) and "stale.txt" not in os.listdir(again)
 
 
 def test_rollout_eval_and_init_from_take_an_export_folder(trained, robot_shards, tmp_path):
@@ -226,6 +235,10 @@ def test_sharded_folders_never_run_code_from_their_files(tmp_path):
     dcp.mkdir()
     (dcp / ".metadata").write_bytes(pickle.dumps({"planner": _WritesAFile(str(marker))}))
     with pytest.raises(ValueError, match=r"\.metadata'?: refusing the checkpoint metadata: names (builtins|io).open"):
+        export(str(dcp), str(tmp_path / "a"))
+    # A class that DCP's modules merely import is not metadata either (a thread pool, a TCP store...).
+    (dcp / ".metadata").write_bytes(b"\x80\x04ctorch.distributed.checkpoint.filesystem\nThreadPoolExecutor\n)R.")
+    with pytest.raises(ValueError, match="names torch.distributed.checkpoint.filesystem.ThreadPoolExecutor"):
         export(str(dcp), str(tmp_path / "a"))
     ds = tmp_path / "ds" / "checkpoint"
     ds.mkdir(parents=True)

@@ -99,9 +99,12 @@ def test_failed_import_leaves_nothing(tmp_path, capsys):
         import_lerobot.main(["--root", str(broken), "--out", str(out), "--per-shard", "1"])
     assert info.value.code == 2 and "episode 2 has 9 rows but" in capsys.readouterr().err
     assert not out.exists()  # the folder this run created is gone with every shard it wrote
+    # Into a folder holding an earlier, good import with the same prefix: that import survives byte for byte.
     kept = tmp_path / "kept"
-    kept.mkdir()
+    import_lerobot.main(["--root", os.path.join(FIXTURES, "v30_images"), "--out", str(kept), "--per-shard", "1"])
     (kept / "notes.txt").write_text("mine")
+    earlier = {name: (kept / name).read_bytes() for name in os.listdir(kept)}
+    assert "train-000000.tar" in earlier and "train-stats.json" in earlier
     with pytest.raises(SystemExit):
         import_lerobot.main(["--root", str(broken), "--out", str(kept), "--per-shard", "1"])
-    assert os.listdir(kept) == ["notes.txt"]  # a folder that was there keeps what it had, and only that
+    assert {name: (kept / name).read_bytes() for name in os.listdir(kept)} == earlier

@@ -110,3 +110,17 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape[:2] == (2400, 1280)
     assert img.std() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 200  # a rendered page, not a blank one
+
+
+def test_report_embeds_only_files_inside_the_run(tmp_path):
+    outside = tmp_path / "secret.gif"
+    outside.write_bytes(b"GIF89a-not-for-the-report")
+    run = tmp_path / "run" / "rollout"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"metrics": {"psnr": [20.0]},
+                                                  "samples": [{"name": "s", "caption": "c", "gif": str(outside)}]}))
+    result = report_main([str(tmp_path / "run")])
+    page = open(result["report"]).read()
+    import base64
+
+    assert base64.b64encode(outside.read_bytes()).decode()[:20] not in page and "<img alt=" not in page

@@ -157,3 +157,56 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(served):
     assert closed.value.rcvd.code == 1009  # message too big: that connection is closed, nothing was unpacked
     assert PolicyClient(url, session="s2").spec["views"] == ["head", "wrist"]  # and the server serves on
     assert c.act(good).shape == (4, 4)
+
+
+def test_closing_a_session_mid_batch_fails_nothing_and_act_keeps_a_session_recent(ckpt):
+    """A close or an eviction on the event loop while the model thread runs the batch: the batch still answers.
+    Eviction drops the least recently *used* session."""
+    policy = GRPolicy.from_checkpoint(ckpt)
+    entered, release = threading.Event(), threading.Event()
+    encode = policy.encode_observations
+
+    def slow_encode(observations):
+        entered.set()
+        release.wait(30)
+        return encode(observations)
+
+    policy.encode_observations = slow_encode
+    server = PolicyServer(policy, max_batch=4, max_sessions=2)
+    good = {"images": {v: np.zeros((32, 32, 3), np.uint8) for v in ("head", "wrist")},
+            "state": np.zeros(4, np.float32), "instruction": "open the drawer"}
+    with ServerThread(server) as url:
+        a, b = PolicyClient(url, session="A"), PolicyClient(url, session="B")
+        a.reset(), b.reset()
+        got = {}
+        worker = threading.Thread(target=lambda: got.setdefault("a", a.act(good)))
+        worker.start()
+        assert entered.wait(30)  # A's request is inside the model thread now
+        b._call({"type": "close", "session": "A"})
+        release.set()
+        worker.join(30)
+        assert got["a"].shape == (4, 4)  # answered, not "internal error"
+        policy.encode_observations = encode
+        a.reset()  # sessions: B, A (A most recent)
+        b.act(good)  # B is now the most recently used
+        PolicyClient(url, session="C").reset()  # a third session evicts A, not B
+        assert b.act(good).shape == (4, 4)
+        with pytest.raises(PolicyServerError, match="unknown session 'A'"):
+            a.act(good)
+        nan = {**good, "state": np.array([0, np.nan, 0, 0], np.float32)}
+        with pytest.raises(PolicyServerError, match="NaN or infinite"):
+            b.act(nan)
+        assert b.act({**good, "state": np.zeros(4, np.uint32)}).shape == (4, 4)  # widened by the client
+
+
+def test_connections_beyond_the_cap_are_turned_away(ckpt):
+    from websockets.exceptions import ConnectionClosed
+
+    server = PolicyServer(GRPolicy.from_checkpoint(ckpt), max_connections=1)
+    with ServerThread(server) as url:
+        first = PolicyClient(url)
+        with pytest.raises(ConnectionClosed) as closed:
+            PolicyClient(url)
+        assert closed.value.rcvd.code == 1013
+        assert first.spec["views"] == ["head", "wrist"]
+        first.close()
