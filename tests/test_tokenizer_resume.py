@@ -81,3 +81,18 @@ def test_tokenizer_fit_survives_five_sigkills(synthetic_shards, tmp_path):
     # reseeded frame stream moves the weights by ~1e-3 (the exact_resume: false run in development: 87% of conv_in).
     for k, v in want["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m} {steps}")
+
+
+def test_frames_drawn_do_not_depend_on_the_shards_folder(synthetic_shards, tmp_path):
+    """The same shards in another folder (another run's output path) give the same frames: the held-out PSNR that
+    `make demo` reports must not change with where the run writes."""
+    import glob
+    import os
+    import shutil
+
+    folder = os.path.dirname(synthetic_shards["train_shards"])
+    for path in glob.glob(os.path.join(folder, "train-*.tar")):
+        shutil.copy(path, tmp_path)
+    moved = {"train_shards": os.path.join(str(tmp_path), os.path.basename(synthetic_shards["train_shards"]))}
+    a, b = take(frames_module(synthetic_shards), 6), take(frames_module(moved), 6)
+    assert all(torch.equal(x["frames"], y["frames"]) for x, y in zip(a, b))

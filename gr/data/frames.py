@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -122,8 +123,11 @@ class FrameStream(IterableDataset):
                 num_skipped, last_error = num_skipped + 1, f"{key}: no mp4 member" + (f" for views {views}" if views else "")
                 log.warning("%s: skipped sample: %s", name, last_error)
                 continue
+            # The frames drawn depend on the shard's file name and the sample, not on the folder the shards are in:
+            # the same data copied elsewhere (another run's output folder, another machine) gives the same frames.
+            where = f"{os.path.basename(str(raw.get('__url__', '?')))}:{raw.get('__key__', '?')}"
             for member in members:
-                rng = random.Random(f"{self.seed}-{self.resume_tag}-{epoch}-{key}-{member}")
+                rng = random.Random(f"{self.seed}-{self.resume_tag}-{epoch}-{where}-{member}")
                 try:
                     frames = self.decode(raw, member, rng, key)
                 except VideoDecodeError as exc:
