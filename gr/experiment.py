@@ -554,12 +554,44 @@ def git_commit() -> Optional[dict[str, Any]]:
     return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
+PATH_OPTIONS = ("pretrained", "config", "robot_data")  # compared by content, so a moved experiment still resumes
+
+
+def content_fingerprint(path: Optional[str]) -> Optional[str]:
+    """SHA-256 of a file, or of a folder's files (relative names, sizes and contents); None for no path."""
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return file_digest(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(f"{os.path.relpath(full, path)}:{os.path.getsize(full)}:{file_digest(full)}\n".encode())
+    return h.hexdigest()
+
+
 def options(args: argparse.Namespace) -> dict[str, Any]:
     opts = dict(vars(args))
     for key in ("pretrained", "config", "robot_data", "out"):
         opts[key] = os.path.abspath(opts[key]) if opts[key] else None
     opts["pretrain_includes_target_tasks"] = args.pretrain_includes_target_tasks == "yes"
+    opts["fingerprints"] = {key: content_fingerprint(opts[key]) for key in PATH_OPTIONS}
     return opts
+
+
+def same_design(old: dict[str, Any], new: dict[str, Any], key: str) -> bool:
+    """Whether a restart keeps design option `key`: file options by content where both runs recorded it (an older
+    results file has no fingerprints: then by path), the others by value."""
+    if key in PATH_OPTIONS:
+        theirs, ours = (old.get("fingerprints") or {}).get(key), new["fingerprints"].get(key)
+        if theirs is not None and ours is not None:
+            return theirs == ours
+        if old.get(key) is None and new.get(key) is None:
+            return True
+    return old.get(key) == new.get(key)
 
 
 def load_results(path: str, opts: dict[str, Any], argv: list[str]) -> dict[str, Any]:
@@ -570,7 +602,7 @@ def load_results(path: str, opts: dict[str, Any], argv: list[str]) -> dict[str, 
         with open(path) as f:
             results = json.load(f)
         for key in DESIGN_KEYS:
-            if results["options"].get(key) != opts[key]:
+            if not same_design(results["options"], opts, key):
                 raise InputError(f"--out: {path} holds runs made with another {key} ({results['options'].get(key)!r}, "
                                  f"now {opts[key]!r}); use another --out or the same options")
     else:

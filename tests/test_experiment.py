@@ -126,6 +126,26 @@ def test_resume_skips_finished_arms(finished, tiny_setup, monkeypatch):
     assert len(again["sessions"]) == len(res["sessions"]) + 1
 
 
+def test_resume_compares_file_options_by_content_not_path(finished, tiny_setup, tmp_path, monkeypatch, capsys):
+    """The same pretraining checkpoint and config at other paths (a moved experiment, another machine) resume; another
+    checkpoint at any path is refused."""
+    import shutil
+
+    import gr.experiment as experiment
+
+    out, res = finished
+    moved = {"pretrained": str(tmp_path / "moved.ckpt"), "config": str(tmp_path / "moved.yaml")}
+    shutil.copy(tiny_setup["pretrained"], moved["pretrained"])
+    shutil.copy(tiny_setup["config"], moved["config"])
+    monkeypatch.setattr(experiment, "run_arm", lambda *a, **k: pytest.fail("a finished arm was run again"))
+    again = experiment.main(experiment_args(moved, out))
+    assert again["arms"] == res["arms"] and again["options"]["fingerprints"] == res["options"]["fingerprints"]
+    other = save_pretrained(tmp_path / "other.ckpt", TINY_TOKENIZER)
+    with pytest.raises(SystemExit):
+        experiment.main(experiment_args({**moved, "pretrained": other}, out))
+    assert "holds runs made with another pretrained" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_line_naming_the_field(finished, tiny_setup, tmp_path, capsys):
     from gr.experiment import main
 
