@@ -8,7 +8,7 @@ Everything under it is collected:
   the GIFs and MP4s, and PSNR / SSIM / token accuracy per horizon step for the prediction, copy-last-frame and the
   tokenizer's ceiling;
 - closed loop: every `eval.json` (`gr eval`): the success table and the episode videos;
-- the resolved config: every LightningCLI `config.yaml`.
+- the resolved config: every LightningCLI `config.yaml`, or other YAML with `model:` and `trainer:` (make demo's).
 Images, plots and videos are embedded as data URIs, so the file can be mailed or attached as it is. Media beyond
 `--max-embed-mib` in all are linked by relative path instead, and the page says so.
 """
@@ -132,11 +132,14 @@ def collect(run_dir: str) -> dict[str, list]:
             doc = _read_json(os.path.join(root, "eval.json"))
             if isinstance(doc, dict) and isinstance(doc.get("tasks"), dict):
                 found["evals"].append({"name": rel, "dir": root, "doc": doc})
-        if "config.yaml" in files:
-            with open(os.path.join(root, "config.yaml")) as f:
+        for name in files:  # LightningCLI's config.yaml, or a resolved config saved beside a run (make demo's)
+            path = os.path.join(root, name)
+            if not name.endswith((".yaml", ".yml")) or os.path.getsize(path) > 2**20:
+                continue
+            with open(path, errors="replace") as f:
                 text = f.read()
-            if "model:" in text and ("trainer:" in text or "data:" in text):  # a LightningCLI config
-                found["configs"].append({"name": rel, "text": text})
+            if "model:" in text and "trainer:" in text:
+                found["configs"].append({"name": os.path.join(rel, name), "text": text})
     return found
 
 
@@ -275,7 +278,7 @@ def render(run_dir: str, out_path: str, max_embed_mib: float = 50.0) -> dict[str
     if found["configs"]:
         w("<h2>Resolved configs</h2>")
     for cfg in found["configs"]:
-        w(f"<details><summary>{html.escape(cfg['name'])}/config.yaml</summary><pre>{html.escape(cfg['text'])}</pre>"
+        w(f"<details><summary>{html.escape(cfg['name'])}</summary><pre>{html.escape(cfg['text'])}</pre>"
           "</details>")
     if emb.linked:
         w(f'<p class="note">{len(emb.linked)} file(s) beyond --max-embed-mib are linked, not embedded: '
