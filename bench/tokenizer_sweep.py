@@ -27,6 +27,7 @@ sys.path.insert(0, REPO)
 ARMS = {
     "f8_1024_700": {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024, "steps": 700},  # the demo's tokenizer
     "f8_1024_1400": {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024, "steps": 1400},
+    "f8_1024_2800": {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024, "steps": 2800},
     "f8_1024_700_wide": {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024, "steps": 700, "z_channels": 128,
                          "embed_dim": 64},
     "f4_1024_700": {"ch_mult": [1, 2, 4], "codebook_size": 1024, "steps": 700},
