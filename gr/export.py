@@ -376,9 +376,9 @@ def export(checkpoint: str, out_dir: str, bundle_encoders: bool = True, eval_jso
     if class_path not in EXPORTABLE:
         raise ValueError(f"{checkpoint!r}: a {class_path.rpartition('.')[2]} checkpoint is not exported by gr export "
                          "(a tokenizer's export is its taming .ckpt + yaml, written by its training)")
-    if hp.get("init_from"):  # provenance only: an export never reads the pretraining checkpoint again
-        hp["pretrained_from"] = hp.get("pretrained_from") or hp["init_from"]
-        hp["init_from"] = None
+    from gr.training.checkpoint_io import weights_already_in_checkpoint
+
+    weights_already_in_checkpoint(hp)  # init_from becomes pretrained_from: an export never reads it again
     module = ExportedModule(hp)
     weights = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
     module.load_weights(weights, checkpoint)
