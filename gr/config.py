@@ -230,6 +230,10 @@ class GRModelConfig:
     clip: ClipSpec = field(default_factory=ClipSpec)
     max_text_tokens: int = 32  # CLIP tokens kept (padding is masked out of attention)
     robot: Optional[RobotConfig] = None  # None: text-video pretraining (one view, no state, no actions)
+    # Copy path: each future-frame token's input also carries the code of the last history frame at the same position
+    # and view (its own embedding table). Copying the last frame is the baseline a world model must beat, and a small
+    # trunk on a small budget does not learn to copy through attention alone. False keeps older checkpoints' layout.
+    last_frame_input: bool = False
 
     def __post_init__(self) -> None:
         self.trunk = as_config(TrunkConfig, self.trunk, "model.trunk")

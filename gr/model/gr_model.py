@@ -10,6 +10,7 @@ adds them. Both go through the same code path.
     [r_0 .. r_{R-1}]                       robot only: ACT readouts -> CVAE action head
     for v in views:  [BOS, f_0, .., f_{n-2}]^v               future frame o_{t+offset}^v shifted right (teacher
                                                               forcing); output at future slot j predicts f_j^v
+                                                              (+ last_frame_emb(o_t^v[j]) with `last_frame_input`)
 
 Readouts sit before every future-frame token, so the causal mask keeps actions independent of the future frames, and
 the action path needs only the prefix (`readout_features`).
@@ -59,6 +60,8 @@ class GRModel(nn.Module):
         self.time_emb = nn.Embedding(self.num_history + 1, c)  # history slots, then the future slot
         self.trunk = GPTTrunk(cfg.trunk)
         self.frame_head = nn.Linear(c, codebook_size, bias=False)
+        # the copy path (cfg.last_frame_input): future slot j also sees the last history frame's code at j
+        self.last_frame_emb = nn.Embedding(codebook_size, c) if cfg.last_frame_input else None
         if cfg.robot is not None:  # finetuning adds only these; everything above transfers from pretraining
             self.view_emb = nn.Embedding(self.num_views, c)
             self.state_proj = nn.Linear(cfg.robot.state_dim, c)
@@ -104,6 +107,14 @@ class GRModel(nn.Module):
         pos = torch.arange(start, start + codes.shape[1], device=codes.device)
         x = self.code_emb(codes) + self.spatial_emb(pos) + self.time_emb.weight[slot]
         return x + self.view_emb.weight[view] if view is not None else x
+
+    def embed_future(self, codes: torch.Tensor, start: int, v: int, history: torch.Tensor) -> torch.Tensor:
+        """Inputs of future slots start..start+k-1 of view v: codes (B, k), history (B, Th, Nv, h, w) -> (B, k, C)."""
+        x = self.embed_frame(codes, self.future_slot, start=start, view=self._view(v))
+        if self.last_frame_emb is None:
+            return x
+        last = history[:, -1, v].reshape(history.shape[0], -1)[:, start:start + codes.shape[1]]  # (B, k)
+        return x + self.last_frame_emb(last)
 
     def _view(self, v: int) -> Optional[int]:
         return v if self.robot is not None else None
@@ -163,8 +174,8 @@ class GRModel(nn.Module):
         prefix, valid = self.embed_prefix(text_feats, text_mask, history_codes, state)
         b, n = prefix.shape[0], self.tokens_per_frame
         future = future_codes if self.robot is not None else future_codes[:, None]
-        futs = [self.embed_frame(self.shifted_future(future[:, v]), self.future_slot, view=self._view(v))
-                for v in range(self.num_views)]
+        history = self._check_history(history_codes, state)
+        futs = [self.embed_future(self.shifted_future(future[:, v]), 0, v, history) for v in range(self.num_views)]
         x = torch.cat([prefix, *futs], dim=1)
         r = self.robot.num_readouts if self.robot is not None else 0
         # Only readouts and future slots feed a loss: the trunk's last block computes just those rows.
@@ -199,13 +210,14 @@ class GRModel(nn.Module):
         """
         b = history_codes.shape[0]
         prefix, valid = self.embed_prefix(text_feats, text_mask, history_codes, state)
+        history = self._check_history(history_codes, state)
         n, nv = self.tokens_per_frame, self.num_views
         out = history_codes.new_empty(b, nv, n)
         cache = self.new_cache(b, prefix.device, prefix.dtype) if use_cache else None
         head = StepLinear(self.frame_head) if use_cache else self.frame_head
         pending, pending_valid = prefix, valid  # tokens not yet run through the cached trunk
         for v in range(nv):
-            bos = self.embed_frame(out.new_full((b, 1), self.bos_index), self.future_slot, view=self._view(v))
+            bos = self.embed_future(out.new_full((b, 1), self.bos_index), 0, v, history)
             pending = bos if pending is None else torch.cat([pending, bos], dim=1)
             if pending_valid is not None:
                 pending_valid = torch.cat([pending_valid, pending_valid.new_ones(b, 1)], dim=1)
@@ -214,20 +226,19 @@ class GRModel(nn.Module):
                     h = self.trunk(pending, pending_valid, cache, num_outputs=1)[:, -1]
                     pending_valid = None
                 else:
-                    h = self._recompute_last(prefix, valid, out, v, j)
+                    h = self._recompute_last(prefix, valid, out, v, j, history)
                 out[:, v, j] = _sample(head(h), temperature, top_k, generator)
-                pending = (self.embed_frame(out[:, v, j:j + 1], self.future_slot, start=j + 1, view=self._view(v))
-                           if j + 1 < n else None)
+                pending = self.embed_future(out[:, v, j:j + 1], j + 1, v, history) if j + 1 < n else None
         out = out.reshape(b, nv, self.grid_size, self.grid_size)
         return out if self.robot is not None else out[:, 0]
 
-    def _recompute_last(self, prefix, valid, out, v: int, j: int) -> torch.Tensor:
+    def _recompute_last(self, prefix, valid, out, v: int, j: int, history) -> torch.Tensor:
         """No-cache reference: the full sequence up to future token j of view v -> last hidden state (B, C)."""
         b = prefix.shape[0]
-        done = [self.embed_frame(self.shifted_future(_pad_codes(out[:, u], self.tokens_per_frame, self.grid_size)),
-                                 self.future_slot, view=self._view(u)) for u in range(v)]
-        cur = self.embed_frame(self.shifted_future(_pad_codes(out[:, v], j, self.grid_size))[:, : j + 1],
-                               self.future_slot, view=self._view(v))
+        done = [self.embed_future(self.shifted_future(_pad_codes(out[:, u], self.tokens_per_frame, self.grid_size)),
+                                  0, u, history) for u in range(v)]
+        cur = self.embed_future(self.shifted_future(_pad_codes(out[:, v], j, self.grid_size))[:, : j + 1], 0, v,
+                                history)
         x = torch.cat([prefix, *done, cur], dim=1)
         return self.trunk(x, torch.cat([valid, valid.new_ones(b, x.shape[1] - valid.shape[1])], dim=1))[:, -1]
 
