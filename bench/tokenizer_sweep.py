@@ -24,13 +24,26 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+# Keys other than DATA_KEYS override `model.init_args.tokenizer`; DATA_KEYS set the batch, the robot-video weight of
+# the training mix (make demo's YAML: synthetic 1.0, robot video 2.0), the pixel loss and the steps. Every arm names
+# its batch so that it keeps its meaning when configs/demo/tokenizer.yaml changes.
+DATA_KEYS = ("steps", "batch_size", "robot_weight", "pixel_loss")
+F8 = {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024}
 ARMS = {
-    "f8_1024_700": {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024, "steps": 700},  # the demo's tokenizer
-    "f8_1024_1400": {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024, "steps": 1400},
-    "f8_1024_2800": {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024, "steps": 2800},
-    "f8_1024_700_wide": {"ch_mult": [1, 2, 2, 4], "codebook_size": 1024, "steps": 700, "z_channels": 128,
-                         "embed_dim": 64},
-    "f4_1024_700": {"ch_mult": [1, 2, 4], "codebook_size": 1024, "steps": 700},
+    "f8_1024_700": {**F8, "steps": 700, "batch_size": 16},  # the demo's tokenizer until 2026-12-07
+    "f8_1024_1400": {**F8, "steps": 1400, "batch_size": 16},
+    "f8_1024_2800": {**F8, "steps": 2800, "batch_size": 16},
+    "f8_1024_700_wide": {**F8, "steps": 700, "batch_size": 16, "z_channels": 128, "embed_dim": 64},
+    "f4_1024_700": {"ch_mult": [1, 2, 4], "codebook_size": 1024, "steps": 700, "batch_size": 16},
+    # equal compute (steps x batch) at 400 x 16: smaller batches, more steps
+    "f8_1024_400": {**F8, "steps": 400, "batch_size": 16},
+    "f8_1024_400_embed8": {**F8, "steps": 400, "batch_size": 16, "embed_dim": 8},
+    "f8_1024_800_b8": {**F8, "steps": 800, "batch_size": 8},
+    "f8_1024_800_b8_l2": {**F8, "steps": 800, "batch_size": 8, "pixel_loss": "l2"},
+    "f8_1024_800_b8_robot5": {**F8, "steps": 800, "batch_size": 8, "robot_weight": 5.0},
+    "f8_1024_1600_b4": {**F8, "steps": 1600, "batch_size": 4},
+    # make demo's tokenizer from 2026-12-07 (configs/demo/tokenizer.yaml): batch 4, robot video weighted 5
+    "f8_1024_3000_b4_robot5": {**F8, "steps": 3000, "batch_size": 4, "robot_weight": 5.0},
 }
 
 
@@ -60,8 +73,11 @@ def run_arm(name: str, spec: dict, out: str, corpora: dict) -> dict:
     cfg = _derived_config("tokenizer", root, spec["steps"])
     cfg["trainer"]["val_check_interval"] = spec["steps"]
     tok = cfg["model"]["init_args"]["tokenizer"]
-    tok.update({k: v for k, v in spec.items() if k != "steps"})
+    tok.update({k: v for k, v in spec.items() if k not in DATA_KEYS})
+    cfg["data"]["init_args"]["batch_size"] = spec["batch_size"]
+    cfg["model"]["init_args"]["loss"]["pixel_loss"] = spec.get("pixel_loss", "l1")
     sources = cfg["data"]["init_args"]["train_sources"]
+    sources[1]["weight"] = spec.get("robot_weight", 2.0)
     for src, shards in zip(sources, (corpora["synthetic"]["train_shards"], corpora["video"]["train_shards"])):
         src["shards"] = shards
     cfg["data"]["init_args"]["val_sources"] = [{"shards": corpora["demos"]["val_shards"]}]

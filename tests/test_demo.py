@@ -21,6 +21,7 @@ def test_demo_stages_run_and_report(tmp_path):
                                        "closed_loop_eval", "rollouts"]
     assert summary["pretrain_includes_target_tasks"] == ["coffee-button-v3"]
     assert all(stage["seconds"] > 0 for stage in summary["stages"].values())
+    assert summary["checks"]["demo_within_30_min"] == (summary["total_seconds"] <= 1800)
     tok = summary["stages"]["tokenizer"]
     assert tok["held_out_frames"] == 32 and tok["global_step"] == 3
     for key in ("psnr_trained_db", "psnr_random_init_db", "psnr_robot_head_db", "psnr_robot_wrist_db"):
