@@ -42,8 +42,9 @@ ARMS = {
     "f8_1024_800_b8_l2": {**F8, "steps": 800, "batch_size": 8, "pixel_loss": "l2"},
     "f8_1024_800_b8_robot5": {**F8, "steps": 800, "batch_size": 8, "robot_weight": 5.0},
     "f8_1024_1600_b4": {**F8, "steps": 1600, "batch_size": 4},
-    # make demo's tokenizer from 2026-12-07 (configs/demo/tokenizer.yaml): batch 4, robot video weighted 5
+    # batch 4, robot video weighted 5; 4500 steps is make demo's tokenizer from 2026-12-07
     "f8_1024_3000_b4_robot5": {**F8, "steps": 3000, "batch_size": 4, "robot_weight": 5.0},
+    "f8_1024_4500_b4_robot5": {**F8, "steps": 4500, "batch_size": 4, "robot_weight": 5.0},
 }
 
 

@@ -68,14 +68,16 @@ def _per_step(x: torch.Tensor) -> list[float]:
 
 
 def world_model_metrics(*, true, pred, recon, last, last_vq, true_codes, pred_codes, last_codes,
-                        view_names: Optional[list[str]] = None, reference: str = "raw") -> dict[str, Any]:
+                        view_names: Optional[list[str]] = None, reference: str = "raw",
+                        pred_expected=None) -> dict[str, Any]:
     """Per horizon step, averaged over samples: a frame prediction beside the baselines that a world model which can
     only output VQGAN decodes should be judged by.
 
     Keys (lists of N floats): `psnr`/`ssim` (prediction vs reference), `*_copy_last` (the last seen frame, raw),
     `*_copy_last_vq` (the last seen frame through the VQGAN), `*_recon` (the VQGAN's reconstruction of the reference:
     the tokenizer's ceiling), `token_acc` (prediction vs true codes), `token_acc_copy_last` (last seen codes vs true
-    codes), `token_agree_copy_last` (prediction vs last seen codes: how much the model copies); `reference` names what
+    codes), `token_agree_copy_last` (prediction vs last seen codes: how much the model copies), and with
+    `pred_expected` also `*_expected` (the expected-code frame, `gr.expected_frame`); `reference` names what
     the frames are compared with. With `view_names`, `per_view` maps each view to the same keys, and the top-level
     values are the means over views.
 
@@ -90,6 +92,7 @@ def world_model_metrics(*, true, pred, recon, last, last_vq, true_codes, pred_co
         last_codes: codes of `last`, (B, Nv, h, w) or (B, N, Nv, h, w).
         view_names: names of the Nv views, for the per-view breakdown; None for none.
         reference: "raw" (true frames) or "vqgan_decode" (decodes of the true codes stand in for them).
+        pred_expected: the decoded expected-code prediction, shaped like `pred`, or None.
     """
     true, true_codes = torch.as_tensor(true), torch.as_tensor(true_codes)
     if true.dim() != 6:
@@ -97,7 +100,7 @@ def world_model_metrics(*, true, pred, recon, last, last_vq, true_codes, pred_co
     if view_names is not None and len(view_names) != true.shape[2]:
         raise ValueError(f"world_model_metrics: view_names has {len(view_names)} names for {true.shape[2]} views")
     frames = {"": pred, "_copy_last": _expand_steps(last, true), "_copy_last_vq": _expand_steps(last_vq, true),
-              "_recon": recon}
+              "_recon": recon, **({"_expected": pred_expected} if pred_expected is not None else {})}
     per_image = {}  # key -> (B, N, Nv)
     for suffix, x in frames.items():
         x = torch.as_tensor(x)

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from gr.expected_frame import future_code_probs
 from gr.metrics import world_model_metrics
 
 
@@ -39,20 +40,25 @@ def module_from_checkpoint(path: str, map_location: str = "cpu"):
 
 @torch.no_grad()
 def imagine(module, history_codes: torch.Tensor, captions: list[str], num_frames: int, temperature: float = 0.0,
-            top_k: Optional[int] = None, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
-    """Text-video: history codes (B, Th, h, w) -> N generated frames' codes (B, N, h, w), each joining the history."""
+            top_k: Optional[int] = None, seed: int = 0, use_cache: bool = True, return_probs: bool = False):
+    """Text-video: history codes (B, Th, h, w) -> N generated frames' codes (B, N, h, w), each joining the history;
+    with `return_probs` also the code distributions along them (B, N, h, w, V) (`gr.expected_frame`)."""
     text, mask = module.text_encoder(captions)
     gen = torch.Generator().manual_seed(seed)
-    hist, outs = history_codes, []
+    hist, outs, probs = history_codes, [], []
     for _ in range(num_frames):
         nxt = module.model.generate_future_frame(text, mask, hist, temperature, top_k, gen, use_cache)
         outs.append(nxt)
+        if return_probs:
+            probs.append(future_code_probs(module.model, text, mask, hist, nxt))
         hist = torch.cat([hist[:, 1:], nxt[:, None]], dim=1)
-    return torch.stack(outs, dim=1)
+    codes = torch.stack(outs, dim=1)
+    return (codes, torch.stack(probs, dim=1)) if return_probs else codes
 
 
 def vq_world_metrics(tokenizer, pred_codes, true_codes=None, last_codes=None, true=None, last=None,
-                     view_names: Optional[list[str]] = None) -> tuple[list[dict[str, Any]], np.ndarray]:
+                     view_names: Optional[list[str]] = None,
+                     pred_probs=None) -> tuple[list[dict[str, Any]], np.ndarray]:
     """`world_model_metrics` per sample, with the VQGAN doing the encodes and decodes; also the decoded prediction.
 
     With raw frames (`true`, `last`) they are the reference, and their codes are encoded here unless given. Codes-only
@@ -67,6 +73,8 @@ def vq_world_metrics(tokenizer, pred_codes, true_codes=None, last_codes=None, tr
         true: uint8 raw true frames (B, N, Nv, S, S, 3), or None for codes-only data.
         last: uint8 raw last seen frame, (B, Nv, S, S, 3) or (B, N, Nv, S, S, 3), or None with `true`.
         view_names: names of the Nv views for the per-view breakdown (robots); None for none.
+        pred_probs: (B, N, Nv, h, w, V) code probabilities along the prediction (`gr.expected_frame`): adds the
+            expected-code frame's `*_expected` metrics. None for none.
 
     Returns:
         B per-sample metric dicts, and the decoded prediction uint8 (B, N, Nv, S, S, 3).
@@ -81,13 +89,16 @@ def vq_world_metrics(tokenizer, pred_codes, true_codes=None, last_codes=None, tr
     last_codes = run(tokenizer.encode, last) if last_codes is None else torch.as_tensor(last_codes).cpu()
     pred_codes = torch.as_tensor(pred_codes).cpu()
     pred, recon, last_vq = (run(tokenizer.decode, c) for c in (pred_codes, true_codes, last_codes))
+    expected = None if pred_probs is None else run(tokenizer.decode_expected, pred_probs)
     reference = "vqgan_decode" if true is None else "raw"
     true = recon if true is None else torch.as_tensor(true).cpu()
     last = last_vq if last is None else torch.as_tensor(last).cpu()
     per_sample = [world_model_metrics(true=true[b:b + 1], pred=pred[b:b + 1], recon=recon[b:b + 1],
                                       last=last[b:b + 1], last_vq=last_vq[b:b + 1], true_codes=true_codes[b:b + 1],
                                       pred_codes=pred_codes[b:b + 1], last_codes=last_codes[b:b + 1],
-                                      view_names=view_names, reference=reference) for b in range(len(pred))]
+                                      view_names=view_names, reference=reference,
+                                      pred_expected=None if expected is None else expected[b:b + 1])
+                  for b in range(len(pred))]
     return per_sample, pred.numpy()
 
 
@@ -243,9 +254,10 @@ def rollout_text_video(module, source: str, out_dir: str, caption: Optional[str]
         codes = tok.encode(frames[:, :th])
         true = frames[:, idx].numpy()[:, :, None]  # (B, N, 1, S, S, 3)
         raw = {"last_codes": codes[:, th - 1, None], "true": true, "last": frames[:, th - 1, None]}
-    gen = imagine(module, codes, [s.caption for s in sources], num_frames, temperature, top_k, seed, use_cache)
+    gen, probs = imagine(module, codes, [s.caption for s in sources], num_frames, temperature, top_k, seed, use_cache,
+                         return_probs=True)
     # Every imagined frame is judged against copying the last frame the model saw, the same for all steps.
-    metrics, pred = vq_world_metrics(tok, gen[:, :, None], **raw)
+    metrics, pred = vq_world_metrics(tok, gen[:, :, None], **raw, pred_probs=probs[:, :, None])
     truth = "VQGAN(true)" if sources[0].pretokenized else "true"
     samples = [save_rollout(out_dir, f"sample{b:02d}", true[b], pred[b], sources[b].caption, idx, clip.fps,
                             metrics[b], truth) | {"key": sources[b].key} for b in range(len(sources))]
@@ -317,7 +329,8 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
     sel = torch.tensor(t_steps)
     gen = module.model.generate_future_frame(text[sel], mask[sel], hist[sel], temperature, top_k,
                                              torch.Generator().manual_seed(seed), state=st[sel])
-    true, pred, metrics = _robot_frames(module, codes, frames, gen, t_steps, shown, pretokenized)
+    probs = future_code_probs(module.model, text[sel], mask[sel], hist[sel], gen, st[sel])
+    true, pred, metrics = _robot_frames(module, codes, frames, gen, t_steps, shown, pretokenized, probs)
     result = save_rollout(out_dir, name, true, pred, instruction, [t + step for t in t_steps], 4.0, metrics,
                           "VQGAN(true)" if pretokenized else "true")
     arm, grip, _, _ = module.model.action_head(module.model.readout_features(text, mask, hist, st))
@@ -332,7 +345,7 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
     return result | {"key": key}
 
 
-def _robot_frames(module, codes, frames, gen, t_steps, shown, pretokenized=False):
+def _robot_frames(module, codes, frames, gen, t_steps, shown, pretokenized=False, probs=None):
     """True frames and decoded predictions (N, Nv', S, S, 3) of the shown views, and their metrics per view; the
     baseline copies each view's frame at t, the last the model saw, to predict t + future_frame_offset. Pre-tokenized
     episodes are scored against the decodes of their codes (`reference` "vqgan_decode")."""
@@ -344,7 +357,7 @@ def _robot_frames(module, codes, frames, gen, t_steps, shown, pretokenized=False
     vi = [names.index(v) for v in shown]
     raw = (None, None) if pretokenized else (true[None], last[None])
     metrics, pred = vq_world_metrics(module.image_tokenizer, gen[None, :, vi], true_codes[None], last_codes[None],
-                                     *raw, view_names=shown)
+                                     *raw, view_names=shown, pred_probs=None if probs is None else probs[None, :, vi])
     return true, pred[0], metrics[0]
 
 

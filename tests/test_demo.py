@@ -51,6 +51,8 @@ def test_demo_stages_run_and_report(tmp_path):
     assert sorted(views) == ["head", "wrist"]
     assert summary["checks"]["finetuned_beats_copy_last_psnr_every_view"] == all(
         v["psnr"] > v["psnr_copy_last"] for v in views.values())
+    assert summary["checks"]["finetuned_expected_frame_beats_copy_last_psnr_every_view"] == all(
+        v["psnr_expected"] > v["psnr_copy_last"] for v in views.values())
     assert os.path.isfile(ro["robot"]["action_plots"][0]) and len(ro["robot"]["metrics"]["ssim"]) >= 1
     page = open(summary["report"]).read()  # make demo's gr report: every stage's curves, the rollouts, the eval
     assert summary["report"] == str(out / "report.html") and "<h2>Checks</h2>" in page

@@ -163,7 +163,7 @@ def test_text_video_rollout_on_a_still_clip(tmp_path):
                    "--out", str(tmp_path / "ro")])
     m = json.load(open(tmp_path / "ro" / "metrics.json"))["metrics"]
     assert m == report["metrics"] and m["reference"] == "raw" and "per_view" not in m
-    assert all(len(m[k]) == 3 for k in NEW_KEYS + ("psnr", "ssim_copy_last"))
+    assert all(len(m[k]) == 3 for k in NEW_KEYS + ("psnr", "ssim_copy_last", "psnr_expected"))
     _check_sane(m)
     assert m["token_acc_copy_last"] == [1.0] * 3 and m["psnr_copy_last"] == [PSNR_CAP] * 3
     assert m["psnr_copy_last_vq"] == m["psnr_recon"] and m["token_acc"] == m["token_agree_copy_last"]
@@ -186,7 +186,7 @@ def test_robot_rollout_judges_each_view_offset_steps_ahead(robot_shards, tmp_pat
     m = report["metrics"]
     assert set(m["per_view"]) == {"head", "wrist"}
     for view in ("head", "wrist"):
-        assert all(len(m["per_view"][view][k]) == 3 for k in NEW_KEYS)
+        assert all(len(m["per_view"][view][k]) == 3 for k in NEW_KEYS + ("psnr_expected", "ssim_expected"))
         _check_sane(m["per_view"][view])
     assert m["psnr_recon"] == pytest.approx(np.mean([m["per_view"][v]["psnr_recon"] for v in ("head", "wrist")], 0),
                                             abs=1e-3)
@@ -239,7 +239,51 @@ def test_rollout_videos_metrics_raw_or_vqgan_decode(robot, robot_shards, tmp_pat
     assert a["token_acc"] == b["token_acc"] and len(a["psnr"]) == 1  # one future frame, the same predicted codes
     scalars = headline_scalars(mean_metrics([s["metrics"] for s in from_raw]))
     views = ["/head", "/wrist"] if robot else []
-    for key in ("psnr", "psnr_copy_last", "token_acc", "token_acc_copy_last"):
+    for key in ("psnr", "psnr_expected", "psnr_copy_last", "token_acc", "token_acc_copy_last"):
         for suffix in [""] + views:
             assert math.isfinite(scalars[f"val/rollout_{key}{suffix}"])
     assert ("per_view" in a) == robot
+    assert a["psnr_expected"] != a["psnr"]  # a random model is unsure: the expected frame is not the greedy one
+
+
+def test_expected_metrics_known_answers():
+    """The expected-code frame is scored like the prediction: exact gives the cap, a shifted block the shift's PSNR."""
+    last = _square()[None, None]
+    true = np.stack([_square(i + 1) for i in range(3)])[None, :, None]
+    codes = torch.zeros(1, 3, 1, 4, 4, dtype=torch.long)
+    m = _metrics(true, true, last, codes, codes, codes[:, 0], pred_expected=np.repeat(last[:, None], 3, 1))
+    assert m["psnr"] == [PSNR_CAP] * 3 and m["psnr_expected"] == pytest.approx(m["psnr_copy_last"])
+    assert m["psnr_expected"] == pytest.approx([_shift_psnr(s) for s in (1, 2, 3)]) and "ssim_expected" in m
+    assert "psnr_expected" not in _metrics(true, true, last, codes, codes, codes[:, 0])
+
+
+def test_decode_expected_of_one_hot_is_decode_and_blends_otherwise(tokenizer):
+    codes = torch.randint(0, 64, (2, 3, 4, 4))
+    one_hot = torch.nn.functional.one_hot(codes, 64).float()
+    assert torch.equal(tokenizer.decode_expected(one_hot), tokenizer.decode(codes))
+    blend = tokenizer.decode_expected(0.5 * one_hot + 0.5 / 64)
+    assert blend.shape == (2, 3, 32, 32, 3) and not torch.equal(blend, tokenizer.decode(codes))
+    with pytest.raises(ValueError, match="63 probabilities per position for 64 codes"):
+        tokenizer.decode_expected(one_hot[..., :63])
+
+
+@pytest.mark.parametrize("robot", [False, True], ids=["text-video", "robot"])
+def test_probs_along_generated_codes_are_the_generations_own(robot):
+    """Greedy codes are the argmax of the distributions a teacher-forced pass over them gives (the KV-cache
+    generation and the full pass agree), and every distribution sums to 1."""
+    from gr.config import GRModelConfig
+    from gr.expected_frame import future_code_probs
+    from gr.model import GRModel
+
+    torch.manual_seed(0)
+    m = GRModel(GRModelConfig(**(TINY_ROBOT_MODEL if robot else TINY_MODEL), last_frame_input=True), 64, 4, 16).eval()
+    g = torch.Generator().manual_seed(2)
+    nv = (2,) if robot else ()
+    text, mask = torch.randn(3, 5, 16, generator=g), torch.ones(3, 5, dtype=torch.bool)
+    hist = torch.randint(0, 64, (3, 2, *nv, 4, 4), generator=g)
+    state = torch.randn(3, 2, 4, generator=g) if robot else None
+    codes = m.generate_future_frame(text, mask, hist, state=state)
+    probs = future_code_probs(m, text, mask, hist, codes, state)
+    assert probs.shape == (*codes.shape, 64)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(codes.shape))
+    assert torch.equal(probs.argmax(-1), codes)

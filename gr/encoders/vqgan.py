@@ -218,6 +218,22 @@ class FrozenVQGAN(FrozenMixin):
         """codes: (..., h, w) -> uint8 frames (..., H, W, 3)."""
         lead = codes.shape[:-2]
         flat = codes.reshape(-1, *codes.shape[-2:]).long()
-        imgs = torch.cat([self.vq.decode_codes(c) for c in flat.split(chunk)])
-        imgs = ((imgs.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-        return imgs.reshape(*lead, *imgs.shape[-3:])
+        return _to_frames(torch.cat([self.vq.decode_codes(c) for c in flat.split(chunk)]), lead)
+
+    @torch.no_grad()
+    def decode_expected(self, probs: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Code probabilities (..., h, w, V) -> uint8 frames (..., H, W, 3): the decode of the probability-weighted mean
+        codebook vector at every position (one-hot probabilities give exactly `decode` of those codes)."""
+        if probs.shape[-1] != self.vq.n_embed:
+            raise ValueError(f"decode_expected: {probs.shape[-1]} probabilities per position for {self.vq.n_embed} codes")
+        lead, weight = probs.shape[:-3], self.vq.quantize.embedding.weight  # (V, D)
+        flat = probs.reshape(-1, *probs.shape[-3:]).to(weight)
+        imgs = [self.vq.decoder(self.vq.post_quant_conv((p @ weight).permute(0, 3, 1, 2).contiguous()))
+                for p in flat.split(chunk)]
+        return _to_frames(torch.cat(imgs), lead)
+
+
+def _to_frames(imgs: torch.Tensor, lead: tuple) -> torch.Tensor:
+    """Decoder output (B, 3, H, W) roughly in [-1, 1] -> uint8 (*lead, H, W, 3)."""
+    imgs = ((imgs.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return imgs.reshape(*lead, *imgs.shape[-3:])

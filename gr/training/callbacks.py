@@ -103,14 +103,15 @@ class RunSummary(L.Callback):
             json.dump(summary, f, indent=2)
 
 
-HEADLINE_KEYS = ("psnr", "psnr_copy_last", "token_acc", "token_acc_copy_last")
+HEADLINE_KEYS = ("psnr", "psnr_expected", "psnr_copy_last", "token_acc", "token_acc_copy_last")
 
 
 def headline_scalars(metrics: dict[str, Any], prefix: str = "val/rollout_") -> dict[str, float]:
-    """`val/rollout_<key>` (the mean over horizon steps and views) and, per view, `val/rollout_<key>/<view>`."""
-    out = {prefix + k: float(sum(metrics[k]) / len(metrics[k])) for k in HEADLINE_KEYS}
+    """`val/rollout_<key>` (the mean over horizon steps and views) and, per view, `val/rollout_<key>/<view>`, for the
+    HEADLINE_KEYS that `metrics` has."""
+    out = {prefix + k: float(sum(metrics[k]) / len(metrics[k])) for k in HEADLINE_KEYS if k in metrics}
     for view, per in metrics.get("per_view", {}).items():
-        out.update({f"{prefix}{k}/{view}": float(sum(per[k]) / len(per[k])) for k in HEADLINE_KEYS})
+        out.update({f"{prefix}{k}/{view}": float(sum(per[k]) / len(per[k])) for k in HEADLINE_KEYS if k in per})
     return out
 
 
@@ -200,6 +201,7 @@ class RolloutVideos(L.Callback):
     def _rollout(self, module, model, batch, trainer) -> list[dict[str, Any]]:
         import numpy as np
 
+        from gr.expected_frame import future_code_probs
         from gr.rollout import save_rollout, vq_world_metrics
 
         n, robot = self.num_samples, getattr(module, "robot_spec", None) is not None
@@ -207,11 +209,12 @@ class RolloutVideos(L.Callback):
         text, mask = module.text_encoder(list(captions))
         state = batch["state"][:n].to(model.state_proj.weight.dtype) if robot else None
         pred = model.generate_future_frame(text, mask, hist if robot else hist[:, :, 0], state=state)
-        pred = pred if robot else pred[:, None]  # (B, Nv, h, w)
+        probs = future_code_probs(model, text, mask, hist if robot else hist[:, :, 0], pred, state)
+        pred, probs = (pred, probs) if robot else (pred[:, None], probs[:, None])  # (B, Nv, h, w[, V])
         raw = raw_hist is not None
         metrics, pred_img = vq_world_metrics(module.image_tokenizer, pred[:, None], fut[:, None], hist[:, -1],
                                              raw_fut[:, None] if raw else None, raw_hist[:, -1] if raw else None,
-                                             module.robot_spec.view_names if robot else None)
+                                             module.robot_spec.view_names if robot else None, probs[:, None])
         dec = lambda c: module.image_tokenizer.decode(c.to(module.device)).cpu().numpy()  # noqa: E731
         seen = dec(hist)  # (B, Th, Nv, S, S, 3): what the model saw, shown beside its prediction
         # The true row shows what the metrics compare with: raw frames when the batch has them, else decodes.
