@@ -10,6 +10,10 @@ What is compared, per call, with the history buffer full and the instruction's t
   VQGAN on the new frames, `model.readout_features` on the prefix and `model.action_head`;
 - `prefix_only_ms`: `model.readout_features` alone.
 The target is act_ms / bare_ms <= 1.1: the API adds no more than 10% (no frame is generated, nothing is re-encoded).
+
+`per_head` then times every action head (`model.robot.head.kind`, gr/model/heads/) on the same trunk: `act_ms` of
+`GRPolicy.act` and `head_ms` of the head's `predict` alone on fixed readouts, for the CVAE and the tokens head once and
+for flow and diffusion at each `--steps` count (integration / DDIM steps). Ratios to the CVAE row are in the same run.
 `ratio_act_vs_prefix_only` also counts the VQGAN on the new frames as overhead: it is close to 1 at real model sizes
 (`--preset B`) and larger for the demo's tiny trunk, whose prefix pass costs less than tokenizing two 64 px frames.
 
@@ -43,8 +47,9 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def demo_policy(image_size: int = 64, preset: str | None = None):
-    """(policy, module, init args): the demo's finetuning configuration with random weights, or any trunk preset."""
+def demo_policy(image_size: int = 64, preset: str | None = None, head: dict | None = None):
+    """(policy, module, init args): the demo's finetuning configuration with random weights, or any trunk preset;
+    `head` overrides fields of `model.robot.head` (e.g. {"kind": "flow", "num_steps": 5})."""
     from gr.policy import GRPolicy
     from gr.training.finetune import FinetuneModule
 
@@ -56,6 +61,8 @@ def demo_policy(image_size: int = 64, preset: str | None = None):
     init["model"]["clip"]["image_size"] = image_size
     if preset:
         init["model"]["trunk"] = {"preset": preset}
+    if head:
+        init["model"]["robot"]["head"] = {**init["model"]["robot"]["head"], **head}
     torch.manual_seed(0)
     module = FinetuneModule(**init)
     robot = module.robot_spec
@@ -78,6 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default=None, help="trunk preset S/B/L/XL (default: the demo's 4x128 trunk)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--heads", nargs="*", default=["cvae", "flow", "diffusion", "tokens"],
+                   help="action heads timed in per_head (none: skip)")
+    p.add_argument("--steps", nargs="+", type=int, default=[1, 5, 10, 20],
+                   help="integration / sampling step counts of the flow and diffusion heads")
     args = p.parse_args(argv)
     policy, module, init = demo_policy(args.image_size, args.preset)
     robot = module.robot_spec
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     @torch.no_grad()
     def bare():
         module.image_tokenizer.encode(frames)
-        module.model.action_head(module.model.readout_features(text, mask, codes, state))
+        module.model.action_head.predict(module.model.readout_features(text, mask, codes, state), policy.generator)
 
     with torch.no_grad():
         prefix_only = _timed(lambda: module.model.readout_features(text, mask, codes, state), args.repeats)
@@ -115,8 +126,33 @@ def main(argv: list[str] | None = None) -> dict:
     result["ratio_act_vs_prefix_only"] = round(result["act_ms"] / result["prefix_only_ms"], 3)
     result["target_ratio"] = 1.1
     result["meets_target"] = result["ratio_act_vs_bare"] <= 1.1
+    result["per_head"] = per_head(args, obs)
     print(json.dumps(result, indent=2))
     return result
+
+
+def per_head(args, obs: dict) -> list[dict]:
+    """act_ms and head_ms of every head kind (and step count) on the same trunk and observation."""
+    settings = []
+    for kind in args.heads:
+        steps = args.steps if kind in ("flow", "diffusion") else [None]
+        settings += [{"kind": kind} | ({"num_steps": n, "train_timesteps": max(100, n)} if n else {}) for n in steps]
+    rows = []
+    for head in settings:
+        policy, module, _ = demo_policy(args.image_size, args.preset, head)
+        for _ in range(3):
+            policy.act(obs)
+        readouts = torch.randn(1, module.robot_spec.num_readouts, module.model_cfg.trunk.width)
+        with torch.no_grad():
+            head_ms = _timed(lambda: module.model.action_head.predict(readouts, policy.generator), args.repeats)
+        rows.append({"head": head["kind"], "num_steps": head.get("num_steps"),
+                     "act_ms": round(_timed(lambda: policy.act(obs), args.repeats), 3), "head_ms": round(head_ms, 3),
+                     "head_parameters": sum(p.numel() for p in module.model.action_head.parameters())})
+    base = next((r for r in rows if r["head"] == "cvae"), None)
+    for r in rows:
+        if base is not None:
+            r["act_vs_cvae"] = round(r["act_ms"] / base["act_ms"], 3)
+    return rows
 
 
 if __name__ == "__main__":

@@ -165,25 +165,44 @@ class TrunkConfig:
         _require(0.0 <= self.dropout < 1.0, "model.trunk.dropout", "must be in [0, 1)")
 
 
+HEAD_KINDS = ("cvae", "flow", "diffusion", "tokens")
+
+
 @dataclass
 class ActionHeadConfig:
-    """ACT-style conditional VAE action head (reference sizes: GR-MG 4+4 blocks, width 128, latent 32)."""
+    """The action head (gr/model/heads/). `kind` picks it; the sizes are shared, each head reads what it uses.
 
+    cvae: ACT-style conditional VAE (reference sizes: GR-MG 4+4 blocks, width 128, latent 32).
+    flow: conditional flow matching (pi0-style), `num_steps` Euler steps at inference.
+    diffusion: DDPM training over `train_timesteps`, DDIM sampling in `num_steps` steps (diffusers' schedulers).
+    tokens: `num_bins` bins per action dim (RT-2 / OpenVLA-style), decoded autoregressively and constrained.
+    """
+
+    kind: str = "cvae"  # absent in older checkpoints, which are all CVAE
     width: int = 128
     num_heads: int = 4
-    num_encoder_layers: int = 4  # CVAE encoder over the ground-truth chunk (training only)
-    num_decoder_layers: int = 4  # decoder: chunk queries attend to the readouts and the latent
-    latent_dim: int = 32
+    num_encoder_layers: int = 4  # cvae: encoder over the ground-truth chunk (training only)
+    num_decoder_layers: int = 4  # every head: its transformer over the chunk, cross-attending to the readouts
+    latent_dim: int = 32  # cvae
     dropout: float = 0.1
+    num_steps: int = 10  # flow: integration steps; diffusion: DDIM sampling steps
+    train_timesteps: int = 100  # diffusion: DDPM training timesteps
+    num_bins: int = 256  # tokens: bins per dimension
 
     def __post_init__(self) -> None:
+        _require(self.kind in HEAD_KINDS, "model.robot.head.kind", f"must be one of {HEAD_KINDS}, got {self.kind!r}")
         _require(self.width >= 1 and self.num_heads >= 1, "model.robot.head.width",
                  f"width and num_heads must be >= 1, got {self.width} and {self.num_heads}")
         _require(0.0 <= self.dropout < 1.0, "model.robot.head.dropout", f"must be in [0, 1), got {self.dropout}")
         _require(self.width % self.num_heads == 0, "model.robot.head.width",
                  f"{self.width} must be divisible by num_heads {self.num_heads}")
-        for name in ("num_encoder_layers", "num_decoder_layers", "latent_dim"):
-            _require(getattr(self, name) >= 1, f"model.robot.head.{name}", "must be >= 1")
+        for name in ("num_encoder_layers", "num_decoder_layers", "latent_dim", "num_steps", "train_timesteps"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"model.robot.head.{name}",
+                     f"must be an int >= 1, got {getattr(self, name)!r}")
+        _require(self.num_steps <= self.train_timesteps, "model.robot.head.num_steps",
+                 f"{self.num_steps} sampling steps exceed train_timesteps {self.train_timesteps}")
+        _require(isinstance(self.num_bins, int) and self.num_bins >= 2, "model.robot.head.num_bins",
+                 f"must be an int >= 2, got {self.num_bins!r}")
 
 
 @dataclass
@@ -384,8 +403,11 @@ class CodebookConfig:
 
 @dataclass
 class FinetuneLossConfig:
-    """Robot finetuning loss: w_frame * CE(future frames, every view) + w_arm * L1(arm chunk, padding masked)
-    + w_gripper * BCE(gripper chunk) + w_kl * KL(CVAE posterior || N(0, I)). Defaults follow GR-MG (frame 0.1, KL 1)."""
+    """Robot finetuning loss: w_frame * CE(future frames, every view) + the action head's terms, padding masked.
+
+    cvae: w_arm * L1(arm chunk) + w_gripper * BCE(gripper chunk) + w_kl * KL(posterior || N(0, I)) (defaults follow
+    GR-MG: frame 0.1, KL 1). flow / diffusion: w_arm * MSE(arm dims) + w_gripper * MSE(gripper dims) of the velocity /
+    noise. tokens: w_arm * CE(arm tokens) + w_gripper * CE(gripper tokens). `arm_loss` and `kl_weight` are CVAE-only."""
 
     frame_weight: float = 0.1
     arm_weight: float = 1.0

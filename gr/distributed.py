@@ -22,15 +22,16 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from gr.model.action_head import CVAEActionHead
+from gr.model.heads import ActionHead
 from gr.model.gpt import Block
 
 log = logging.getLogger(__name__)
 
 BLOCK_CLASS = Block  # the unit of FSDP wrapping, activation checkpointing and compilation
 # Sharded as units of their own besides the blocks: modules that the training code calls outside GRModel.forward
-# (the action head runs on the readouts after the trunk), so they gather their own weights.
-EXTRA_WRAP_CLASSES = (CVAEActionHead,)
+# (the action head runs on the readouts after the trunk), so they gather their own weights (its `losses` and
+# `predict` both run through its forward).
+EXTRA_WRAP_CLASSES = (ActionHead,)
 # GRModel methods that read the root's weights without going through forward (validation's action path).
 FSDP_FORWARD_METHODS = ("readout_features",)
 

@@ -517,7 +517,7 @@ def _config_json(module: ExportedModule, hp: dict[str, Any], class_path: str, ck
              "codebook_size": module.image_tokenizer.codebook_size}
     if robot is not None:
         sizes.update(views=list(robot.view_names), state_dim=robot.state_dim, action_dim=robot.action_dim,
-                     action_chunk=robot.action_chunk)
+                     action_chunk=robot.action_chunk, action_head=robot.head.kind)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "kind": EXPORTABLE[class_path], "class_path": class_path,
@@ -573,7 +573,7 @@ def model_card(config: dict[str, Any]) -> str:
     w(f"- History {clip.get('num_history')} frames; predicts the frame {clip.get('future_frame_offset')} steps ahead.")
     if config["kind"] == "finetune":
         w(f"- Robot: views {', '.join(s['views'])}; state {s['state_dim']} dims; action chunks of "
-          f"{s['action_chunk']} x {s['action_dim']} ({s['action_head_parameters']:,}-parameter CVAE head).")
+          f"{s['action_chunk']} x {s['action_dim']} ({s['action_head_parameters']:,}-parameter {s.get('action_head', 'cvae')} head).")
     w()
     w("## Training data")
     w()

@@ -3,8 +3,9 @@
 An observation is {"images": {view: uint8 (H, W, 3)}, "state": (S,) in robot units, "instruction": str}. The policy
 keeps its own history of the last `num_history` steps (the first observation fills it), caches the text features per
 instruction, and returns action chunks (k, A) in robot units, undoing the normalization stored in the checkpoint. The
-action path is one prefix pass up to the readouts plus the CVAE decoder with the prior-mean latent; no future frame is
-generated.
+action path is one prefix pass up to the readouts plus the action head's `predict` (CVAE: the prior-mean latent; flow
+and diffusion: integration / denoising from noise drawn from the policy's generator, re-seeded with `seed` at every
+`reset()`, so an episode's chunks are reproducible; tokens: greedy constrained decoding); no future frame is generated.
 
 `.step(obs)` returns one action: it executes each chunk `execute_steps` actions at a time, or, with
 `temporal_ensemble`, predicts a chunk every step and averages every prediction made for the current step with weights
@@ -30,11 +31,14 @@ class GRPolicy:
         execute_steps: actions executed from each chunk before predicting the next (default: the whole chunk).
         temporal_ensemble: ACT's m; when set, a chunk is predicted every step and overlapping predictions averaged.
         device: torch device for the model.
+        seed: seed of the generator that the sampling heads (flow, diffusion) draw their noise from.
     """
 
     def __init__(self, module, execute_steps: Optional[int] = None, temporal_ensemble: Optional[float] = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", seed: int = 0):
         self.module = module.to(device).eval()
+        self.seed = seed
+        self.generator = torch.Generator(torch.device(device)).manual_seed(seed)
         self.model, self.robot, self.device = module.model, module.robot_spec, torch.device(device)
         self.clip = module.clip_spec
         k = self.robot.action_chunk
@@ -72,7 +76,8 @@ class GRPolicy:
         return cls(module, device=map_location, **kwargs)
 
     def reset(self) -> None:
-        """Start a new episode: empty history, no pending actions."""
+        """Start a new episode: empty history, no pending actions, the sampling generator back at `seed`."""
+        self.generator.manual_seed(self.seed)
         self.history: deque = self.new_history()
         self._queue: list[np.ndarray] = []
         self._ensemble: list[tuple[int, np.ndarray]] = []  # (step the chunk was predicted at, chunk)
@@ -148,7 +153,7 @@ class GRPolicy:
         codes = torch.stack([torch.stack([c for c, _ in h]) for h in histories])  # (B, Th, Nv, h, w)
         state = torch.stack([torch.stack([s for _, s in h]) for h in histories])  # (B, Th, S)
         readouts = self.model.readout_features(text, mask, codes, state)
-        arm, grip, _, _ = self.model.action_head(readouts)
+        arm, grip = self.model.action_head.predict(readouts, self.generator)
         arm = arm.float().cpu().numpy()
         grip = None if grip is None else grip.cpu().numpy()
         return [self._to_robot_units(arm[i], None if grip is None else grip[i]) for i in range(len(histories))]

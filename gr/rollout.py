@@ -333,7 +333,8 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
     true, pred, metrics = _robot_frames(module, codes, frames, gen, t_steps, shown, pretokenized, probs)
     result = save_rollout(out_dir, name, true, pred, instruction, [t + step for t in t_steps], 4.0, metrics,
                           "VQGAN(true)" if pretokenized else "true")
-    arm, grip, _, _ = module.model.action_head(module.model.readout_features(text, mask, hist, st))
+    arm, grip = module.model.action_head.predict(module.model.readout_features(text, mask, hist, st),
+                                                 torch.Generator().manual_seed(seed))
     first = np.zeros((len(ws), robot.action_dim), np.float32)
     first[:, robot.arm_index] = arm[:, 0].numpy() * norm["action_std"][robot.arm_index] + \
         norm["action_mean"][robot.arm_index]

@@ -106,3 +106,13 @@ def test_serve_latency_benchmark_measures_both_paths():
     assert r["in_process_ms"] > 0 and r["round_trip_ms"] > 0 and r["server_total_ms"] > 0
     assert r["overhead_ms"] == pytest.approx(r["round_trip_ms"] - r["in_process_ms"], abs=2e-3)
     assert r["under_load"]["clients"] == 2 and r["under_load"]["mean_batch"] >= 1
+
+
+def test_policy_latency_reports_every_head_and_step_count():
+    import policy_latency
+
+    result = policy_latency.main(["--repeats", "1", "--heads", "cvae", "flow", "tokens", "--steps", "1", "3"])
+    rows = [(r["head"], r["num_steps"]) for r in result["per_head"]]
+    assert rows == [("cvae", None), ("flow", 1), ("flow", 3), ("tokens", None)]
+    assert all(r["act_ms"] > 0 and r["head_ms"] > 0 and r["head_parameters"] > 0 for r in result["per_head"])
+    assert result["per_head"][0]["act_vs_cvae"] == 1.0

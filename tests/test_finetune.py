@@ -38,8 +38,8 @@ def test_readouts_cannot_see_the_future():
     _, r1 = m(text, mask, hist, fut, state)
     _, r2 = m(text, mask, hist, torch.randint(0, 64, fut.shape), state)
     assert torch.equal(r1, r2)
-    a1, g1, _, _ = m.action_head(r1)
-    a2, g2, _, _ = m.action_head(r2)
+    a1, g1 = m.action_head.predict(r1)
+    a2, g2 = m.action_head.predict(r2)
     assert torch.equal(a1, a2) and torch.equal(g1, g2)  # the action chunk is bit-identical
     _, r3 = m(text, mask, hist, fut, state + 1.0)
     assert not torch.equal(r1, r3)  # ... while the state does reach the readouts
@@ -177,7 +177,7 @@ def test_overfit_one_episode(robot_shards, tmp_path):
     with torch.no_grad():
         hist = batch["history"]
         text, mask = module.text_encoder(batch["instruction"])
-        arm, grip, _, _ = module.model.action_head(module.model.readout_features(text, mask, hist, batch["state"]))
+        arm, grip = module.model.action_head.predict(module.model.readout_features(text, mask, hist, batch["state"]))
     m = batch["action_mask"][..., None].float()
     l1 = float(((arm - batch["arm"]).abs() * m).sum() / (m.sum() * arm.shape[-1]))
     assert l1 < 0.05, l1

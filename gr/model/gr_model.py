@@ -7,7 +7,7 @@ adds them. Both go through the same code path.
     for tau in 0 .. Th-1 (history steps):
         for v in views (sorted):  [o_tau^v: h*w codes]     code + spatial + time(tau) (+ view v) embeddings
         [s_tau]                                              robot only: state projection + time(tau)
-    [r_0 .. r_{R-1}]                       robot only: ACT readouts -> CVAE action head
+    [r_0 .. r_{R-1}]                       robot only: ACT readouts -> action head (gr/model/heads/)
     for v in views:  [BOS, f_0, .., f_{n-2}]^v               future frame o_{t+offset}^v shifted right (teacher
                                                               forcing); output at future slot j predicts f_j^v
                                                               (+ last_frame_emb(o_t^v[j]) with `last_frame_input`)
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gr.config import GRModelConfig
-from gr.model.action_head import CVAEActionHead
+from gr.model.heads import build_action_head
 from gr.model.gpt import GPTTrunk, KVCache, StepLinear
 
 
@@ -66,7 +66,7 @@ class GRModel(nn.Module):
             self.view_emb = nn.Embedding(self.num_views, c)
             self.state_proj = nn.Linear(cfg.robot.state_dim, c)
             self.readout_emb = nn.Embedding(cfg.robot.num_readouts, c)
-            self.action_head = CVAEActionHead(cfg.robot, c)
+            self.action_head = build_action_head(cfg.robot, c)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight") and "trunk" in name:

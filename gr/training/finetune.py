@@ -1,4 +1,5 @@
-"""Robot finetuning: multi-view frames + robot state -> future frames of every view + a CVAE action chunk.
+"""Robot finetuning: multi-view frames + robot state -> future frames of every view + an action chunk (the head
+`model.robot.head.kind` names: cvae, flow, diffusion or tokens; gr/model/heads/).
 
 It is the pretraining module with `model.robot` set: the same frozen encoders, trunk and checkpoint handling, plus
 the robot losses, weight transfer from a pretraining checkpoint, freezing, and the dataset's normalization statistics
@@ -15,7 +16,6 @@ import os
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
 from gr.export import is_export, read_training_checkpoint, stats_from_buffers
@@ -82,6 +82,7 @@ class FinetuneModule(PretrainModule):
                 if len(rows[0]) != buf.shape[1]:
                     raise ConfigError(f"data stats: {name} has {len(rows[0])} dims, model.robot says {buf.shape[1]}")
                 buf.copy_(torch.tensor(rows, dtype=buf.dtype))
+            self.model.action_head.set_statistics(self.stats_action)
         return stats_from_buffers(self.stats_state, self.stats_action)
 
     # ---- transfer from pretraining ----
@@ -150,28 +151,10 @@ class FinetuneModule(PretrainModule):
         text, text_mask = self.text_encoder(batch["instruction"])
         logits, readouts = self.model(text, text_mask, hist, fut, state=self.state_input(batch))
         frame_ce = frame_cross_entropy(logits, fut)
-        mask = batch["action_mask"].bool()
-        chunk = torch.cat([batch["arm"], batch["gripper"] * 2 - 1], dim=-1)  # encoder input, (B, k, A)
-        arm, grip, mu, logvar = self.model.action_head(readouts, chunk, mask, sample=sample_latent)
-        m = mask[..., None].float()
-        err = arm.float() - batch["arm"]
-        per = err.abs() if self.loss_cfg.arm_loss == "l1" else F.smooth_l1_loss(arm.float(), batch["arm"],
-                                                                                 reduction="none")
-        arm_loss = (per * m).sum() / (m.sum() * arm.shape[-1]).clamp(min=1)
-        out = {"frame_ce": frame_ce, "arm": arm_loss,
-               "arm_l1": ((err.abs() * m).sum() / (m.sum() * arm.shape[-1]).clamp(min=1)).detach(),
-               "kl": (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean(),
-               "token_acc": (logits.argmax(-1) == fut.reshape(*logits.shape[:-1])).float().mean().detach()}
-        if grip is not None:
-            bce = F.binary_cross_entropy_with_logits(grip.float(), batch["gripper"], reduction="none")
-            out["gripper_bce"] = (bce * m).sum() / (m.sum() * grip.shape[-1]).clamp(min=1)
-            out["gripper_acc"] = ((((grip > 0).float() == batch["gripper"]).float() * m).sum()
-                                  / (m.sum() * grip.shape[-1]).clamp(min=1)).detach()
-        else:
-            out["gripper_bce"] = arm_loss.new_zeros(())
-        c = self.loss_cfg
-        out["loss"] = (c.frame_weight * frame_ce + c.arm_weight * arm_loss + c.gripper_weight * out["gripper_bce"]
-                       + c.kl_weight * out["kl"])
+        out = self.model.action_head.losses(readouts, batch, self.loss_cfg, sample=sample_latent)
+        out["frame_ce"] = frame_ce
+        out["token_acc"] = (logits.argmax(-1) == fut.reshape(*logits.shape[:-1])).float().mean().detach()
+        out["loss"] = self.loss_cfg.frame_weight * frame_ce + out.pop("action_loss")
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
@@ -186,11 +169,11 @@ class FinetuneModule(PretrainModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
         out = self.robot_losses(batch, sample_latent=False)
-        # What the policy does at test time: the prior mean latent z = 0.
+        # What the policy does at test time (CVAE: the prior mean latent; flow / diffusion: a fixed seed).
         hist, _ = self.codes(batch)
         text, text_mask = self.text_encoder(batch["instruction"])
         readouts = self.model.readout_features(text, text_mask, hist, self.state_input(batch))
-        arm, _, _, _ = self.model.action_head(readouts)
+        arm, _ = self.model.action_head.predict(readouts, torch.Generator(readouts.device).manual_seed(batch_idx))
         m = batch["action_mask"][..., None].float()
         prior_l1 = ((arm.float() - batch["arm"]).abs() * m).sum() / (m.sum() * arm.shape[-1]).clamp(min=1)
         bs = len(batch["instruction"])

@@ -34,7 +34,7 @@ def compute() -> dict[str, torch.Tensor]:
     state = torch.randn(2, 2, 4, generator=g)  # (B, Th, S)
     with torch.no_grad():
         logits, readouts = model(text, mask, hist, fut, state)
-        arm, gripper, _, _ = model.action_head(readouts)
+        arm, gripper = model.action_head.predict(readouts)
     greedy = model.generate_future_frame(text, mask, hist, state=state)
     sampled = model.generate_future_frame(text, mask, hist, state=state, temperature=1.0, top_k=8,
                                           generator=torch.Generator().manual_seed(2))

@@ -9,15 +9,17 @@ Legend: B batch, R readout tokens, C trunk width, D head width, k chunk length, 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from gr.config import RobotConfig
+from gr.config import FinetuneLossConfig, RobotConfig
+from gr.model.heads.base import ActionHead
 
 
-class CVAEActionHead(nn.Module):
+class CVAEActionHead(ActionHead):
     """Readout features (+ ground-truth chunk in training) -> action chunk.
 
     Args:
@@ -25,11 +27,12 @@ class CVAEActionHead(nn.Module):
         trunk_width: C, the width of the readout features.
     """
 
+    kind = "cvae"
+
     def __init__(self, cfg: RobotConfig, trunk_width: int):
-        super().__init__()
+        super().__init__(cfg, trunk_width)
         h = cfg.head
-        self.cfg, self.latent_dim = cfg, h.latent_dim
-        self.arm_index, self.gripper_index = cfg.arm_index, cfg.gripper_index
+        self.latent_dim = h.latent_dim
 
         def layer(decoder: bool):
             cls = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
@@ -68,8 +71,8 @@ class CVAEActionHead(nn.Module):
         h = self.norm(self.decoder(q, memory))
         return self.arm_out(h), (self.gripper_out(h) if self.gripper_out is not None else None)
 
-    def forward(self, readouts: torch.Tensor, actions: Optional[torch.Tensor] = None,
-                action_mask: Optional[torch.Tensor] = None, sample: bool = True):
+    def run(self, readouts: torch.Tensor, actions: Optional[torch.Tensor] = None,
+            action_mask: Optional[torch.Tensor] = None, sample: bool = True):
         """With `actions` (training): posterior latent; else the prior mean z = 0.
 
         Returns (arm (B, k, A_arm), gripper logits or None, mu or None, logvar or None).
@@ -82,3 +85,28 @@ class CVAEActionHead(nn.Module):
         mu, logvar = self.encode(actions, action_mask)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
         return (*self.decode(readouts, z), mu, logvar)
+
+    def _losses(self, readouts: torch.Tensor, batch: dict[str, Any], loss_cfg: FinetuneLossConfig,
+               sample: bool = True) -> dict[str, torch.Tensor]:
+        """arm L1 (or smooth L1) + gripper BCE + KL(posterior || N(0, I)), padding masked. `sample`: draw the latent
+        from the posterior (training) or take its mean (validation)."""
+        mask = batch["action_mask"].bool()
+        arm, grip, mu, logvar = self.run(readouts, self.chunk(batch), mask, sample=sample)
+        err = arm.float() - batch["arm"]
+        per = err.abs() if loss_cfg.arm_loss == "l1" else F.smooth_l1_loss(arm.float(), batch["arm"], reduction="none")
+        out = {"arm": self.masked_mean(per, mask), "arm_l1": self.masked_mean(err.abs(), mask).detach(),
+               "kl": (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)).mean()}
+        if grip is not None:
+            bce = F.binary_cross_entropy_with_logits(grip.float(), batch["gripper"], reduction="none")
+            out["gripper_bce"] = self.masked_mean(bce, mask)
+            out["gripper_acc"] = self.masked_mean(((grip > 0).float() == batch["gripper"]).float(), mask).detach()
+        else:
+            out["gripper_bce"] = out["arm"].new_zeros(())
+        out["action_loss"] = (loss_cfg.arm_weight * out["arm"] + loss_cfg.gripper_weight * out["gripper_bce"]
+                              + loss_cfg.kl_weight * out["kl"])
+        return out
+
+    def _predict(self, readouts: torch.Tensor, generator: Optional[torch.Generator] = None):
+        """The prior mean latent z = 0 (deterministic; `generator` is unused)."""
+        arm, grip, _, _ = self.run(readouts)
+        return arm, grip
