@@ -17,7 +17,12 @@ applies it), `zero2` / `zero3` (raw `deepspeed.initialize` with gr.distributed.d
 strategy itself needs CUDA). Multi-process runs use `torch.distributed.run` with 2 processes (gloo on the CPU).
 The frozen encoders are not built: batches are codes and text features, so the numbers are the trainable model's.
 
+LoRA (`--lora-ranks 8 ...`): extra `single+lora<r>` arms adapt the trunk's attention and MLP projections
+(gr/model/lora.py defaults) and train only the adapters, beside the full `single` arm; every arm reports
+`trainable_params`.
+
     .venv/bin/python bench/memory.py                                  # CPU: preset S, 8x8 codes, batch 8
+    .venv/bin/python bench/memory.py --strategies single --lora-ranks 8 32
     python bench/memory.py --device cuda --nproc 8 --preset B --grid 16 --batch-size 16 --precision bf16
 """
 
@@ -103,7 +108,14 @@ def worker(args) -> None:
     cfg = GRModelConfig(trunk={**trunk_spec(args.preset), "activation_checkpointing": args.activation_checkpointing},
                         clip=ClipSpec(num_history=2, image_size=args.grid * 16), max_text_tokens=32)
     net = FrameLoss(GRModel(cfg, args.vocab, args.grid, 512)).to(device)
+    if args.lora:
+        from gr.model.lora import LoRAConfig, apply_lora
+
+        apply_lora(net.model, LoRAConfig(rank=args.lora, alpha=2.0 * args.lora))
+        for name, p in net.named_parameters():
+            p.requires_grad_(name.endswith(("lora_A", "lora_B")))
     n_params = sum(p.numel() for p in net.parameters())
+    n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if args.strategy == "ddp":
         net = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True)
     elif args.strategy == "fsdp2":
@@ -140,7 +152,7 @@ def worker(args) -> None:
             with autocast:
                 loss = net(text, mask, hist, fut)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
     extra = {}
@@ -153,6 +165,7 @@ def worker(args) -> None:
     params_local = sum(_local_bytes(p) for p in (engine.module if engine else net).parameters()) / MIB
     out = {"rank": rank, "world_size": world, "peak_mib": round(peak, 1), "param_mib": round(params_local, 3),
            "optimizer_state_mib": round(_optimizer_state_bytes(opt) / MIB, 3), "params": n_params,
+           "trainable_params": n_trainable,
            "final_loss": round(float(loss), 4), "tokens_per_sample": 32 + 3 * n, **extra}
     with open(os.path.join(args.worker_out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -161,13 +174,15 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
-def run_one(args, strategy: str, act_ckpt: bool) -> dict:
+def run_one(args, strategy: str, act_ckpt: bool, lora: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--worker", "--worker-out", tmp, "--strategy", strategy, "--preset", args.preset, "--grid",
                   str(args.grid), "--vocab", str(args.vocab), "--batch-size", str(args.batch_size), "--steps",
                   str(args.steps), "--device", args.device, "--precision", args.precision]
         if act_ckpt:
             common.append("--activation-checkpointing")
+        if lora:
+            common += ["--lora", str(lora)]
         script = os.path.abspath(__file__)
         if strategy == "single":
             cmd = [sys.executable, script, *common]
@@ -183,6 +198,7 @@ def run_one(args, strategy: str, act_ckpt: bool) -> dict:
     keys = ("peak_mib", "peak_rss_growth_mib", "param_mib", "optimizer_state_mib")
     worst = {k: max(r[k] for r in ranks) for k in keys if k in ranks[0]}
     return {**worst, "world_size": ranks[0]["world_size"], "params": ranks[0]["params"],
+            "trainable_params": ranks[0]["trainable_params"],
             "final_loss_rank0": ranks[0]["final_loss"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -197,7 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nproc", type=int, default=2, help="processes for the distributed strategies")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--lora-ranks", nargs="*", type=int, default=[],
+                   help="also run single-process arms with LoRA adapters of these ranks (only adapters train)")
     p.add_argument("--out", default=None)
+    p.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--strategy", help=argparse.SUPPRESS)
@@ -210,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     for strategy in args.strategies:
         for act_ckpt in (False, True):
             runs[f"{strategy}{'+act_ckpt' if act_ckpt else ''}"] = run_one(args, strategy, act_ckpt)
+    for rank in args.lora_ranks:
+        runs[f"single+lora{rank}"] = run_one(args, "single", False, rank)
     result = {"benchmark": "memory", "date": time.strftime("%Y-%m-%d"), "device": args.device,
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "preset": args.preset, "grid": args.grid,
               "batch_per_rank": args.batch_size, "nproc": args.nproc, "precision": args.precision,

@@ -341,7 +341,7 @@ def file_digest(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def export(checkpoint: str, out_dir: str, bundle_encoders: bool = True, eval_json: Optional[str] = None,
-           run_config: Optional[str] = None, overwrite: bool = False) -> dict[str, Any]:
+           run_config: Optional[str] = None, overwrite: bool = False, merge_lora: bool = False) -> dict[str, Any]:
     """Write the export folder for `checkpoint` (a .ckpt, a DeepSpeed folder or a DCP folder); returns config.json.
 
     Args:
@@ -353,6 +353,8 @@ def export(checkpoint: str, out_dir: str, bundle_encoders: bool = True, eval_jso
         run_config: the LightningCLI config.yaml of the run, for the card's data section (default: found beside the
             checkpoint's run folder).
         overwrite: replace an existing non-empty `out_dir`.
+        merge_lora: for a LoRA finetuning checkpoint: rebuild it over its base, fold the adapters into the weights
+            and export the plain model (required for such checkpoints: an export holds one set of weights).
     """
     from safetensors.torch import save_file
 
@@ -379,8 +381,23 @@ def export(checkpoint: str, out_dir: str, bundle_encoders: bool = True, eval_jso
     from gr.training.checkpoint_io import weights_already_in_checkpoint
 
     weights_already_in_checkpoint(hp)  # init_from becomes pretrained_from: an export never reads it again
+    state_dict = ckpt["state_dict"]
+    if hp.get("lora"):
+        if not merge_lora:
+            raise ValueError(f"{checkpoint!r} is a LoRA checkpoint (adapters over {hp.get('lora_base')!r}): pass "
+                             "--merge-lora to export the merged weights")
+        from gr.model.lora import merge_lora as merge
+        from gr.training.checkpoint_io import module_from_checkpoint
+
+        adapted = module_from_checkpoint(checkpoint)  # the base from lora_base, then the checkpoint's tensors
+        merge(adapted.model)
+        adapted.lora_base_keys = set()  # the merged model's state dict is whole again
+        state_dict = adapted.state_dict()
+        hp["merged_lora"] = {"lora": hp["lora"], "base": hp["lora_base"]}
+    hp.pop("lora", None)
+    hp.pop("lora_base", None)
     module = ExportedModule(hp)
-    weights = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
+    weights = {k: v for k, v in state_dict.items() if not k.startswith(FROZEN_PREFIXES)}
     module.load_weights(weights, checkpoint)
     module.eval()
     if module.robot_spec is not None and torch.isnan(module.stats_state).any():
@@ -695,10 +712,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--run-config", default=None,
                    help="the run's LightningCLI config.yaml, for the card's data section (default: found near CKPT)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="a LoRA checkpoint: fold its adapters into the base weights and export the merged model")
     args = p.parse_args(argv)
     try:
         config = export(args.checkpoint, args.out_dir, bundle_encoders=not args.reference_encoders,
-                        eval_json=args.eval_json, run_config=args.run_config, overwrite=args.overwrite)
+                        eval_json=args.eval_json, run_config=args.run_config, overwrite=args.overwrite,
+                        merge_lora=args.merge_lora)
     except ValueError as exc:
         print(f"gr export: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

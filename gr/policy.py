@@ -8,8 +8,8 @@ and diffusion: integration / denoising from noise drawn from the policy's genera
 `reset()`, so an episode's chunks are reproducible; tokens: greedy constrained decoding); no future frame is generated.
 
 `.step(obs)` returns one action: it executes each chunk `execute_steps` actions at a time, or, with
-`temporal_ensemble`, predicts a chunk every step and averages every prediction made for the current step with weights
-exp(-m * age) as in ACT.
+`temporal_ensemble`, predicts a chunk every step and blends them (gr/temporal_ensemble.py, ACT's weights).
+Robot units <-> model units: gr/normalization.py, shared with the data pipeline.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from gr.data.video_io import resize_center_crop
+from gr.normalization import Normalizer
+from gr.temporal_ensemble import TemporalEnsemble
 
 
 class GRPolicy:
@@ -46,12 +48,9 @@ class GRPolicy:
         if not 1 <= self.execute_steps <= k:
             raise ValueError(f"execute_steps must be in [1, {k}] (the chunk length), got {execute_steps}")
         self.temporal_ensemble = temporal_ensemble
-        stats = module.normalization_stats()
-        self.state_mean, self.state_std = (np.asarray(stats["state"][k], np.float32) for k in ("mean", "std"))
-        self.state_std = np.maximum(self.state_std, 1e-3)
-        a = {k: np.asarray(v, np.float32) for k, v in stats["action"].items()}
-        self.action_mean, self.action_std, self.action_low, self.action_high = (
-            a["mean"], np.maximum(a["std"], 1e-3), a["min"], a["max"])
+        self.norm = Normalizer.from_stats(module.normalization_stats(), self.robot.arm_index, self.robot.gripper_index)
+        self.ensemble = None if temporal_ensemble is None else TemporalEnsemble(temporal_ensemble,
+                                                                                self.norm.snap_gripper)
         self.reset()
 
     @classmethod
@@ -80,8 +79,8 @@ class GRPolicy:
         self.generator.manual_seed(self.seed)
         self.history: deque = self.new_history()
         self._queue: list[np.ndarray] = []
-        self._ensemble: list[tuple[int, np.ndarray]] = []  # (step the chunk was predicted at, chunk)
-        self._t = 0
+        if self.ensemble is not None:
+            self.ensemble.reset()
 
     # ---- observation -> model inputs ----
     def _text_features(self, instruction: str):
@@ -129,8 +128,7 @@ class GRPolicy:
                            for obs in observations for v in views])
         codes = self.module.image_tokenizer.encode(torch.from_numpy(frames).to(self.device))  # (N * Nv, h, w)
         codes = codes.reshape(len(observations), len(views), *codes.shape[1:])
-        return [(codes[i], torch.from_numpy((np.asarray(obs["state"], np.float32) - self.state_mean)
-                                            / self.state_std).to(self.device))
+        return [(codes[i], torch.from_numpy(self.norm.state(obs["state"])).to(self.device))
                 for i, obs in enumerate(observations)]
 
     def new_history(self) -> deque:
@@ -156,22 +154,13 @@ class GRPolicy:
         arm, grip = self.model.action_head.predict(readouts, self.generator)
         arm = arm.float().cpu().numpy()
         grip = None if grip is None else grip.cpu().numpy()
-        return [self._to_robot_units(arm[i], None if grip is None else grip[i]) for i in range(len(histories))]
+        return [self.norm.to_robot(arm[i], None if grip is None else grip[i]) for i in range(len(histories))]
 
     @torch.no_grad()
     def act(self, obs: dict[str, Any]) -> np.ndarray:
         """Add the observation to the history and return the predicted action chunk (k, A) in robot units."""
         self._push(obs)
         return self.predict_chunks([self.history], [obs["instruction"]])[0]
-
-    def _to_robot_units(self, arm: np.ndarray, grip_logits: Optional[np.ndarray]) -> np.ndarray:
-        k = arm.shape[0]
-        out = np.zeros((k, self.robot.action_dim), np.float32)
-        ai, gi = self.robot.arm_index, self.robot.gripper_index
-        out[:, ai] = arm * self.action_std[ai] + self.action_mean[ai]
-        if gi:
-            out[:, gi] = np.where(grip_logits > 0, self.action_high[gi], self.action_low[gi])
-        return out
 
     def step(self, obs: dict[str, Any]) -> np.ndarray:
         """One action (A,) for this step: chunked execution or temporal ensembling."""
@@ -180,16 +169,5 @@ class GRPolicy:
                 self._queue = list(self.act(obs)[: self.execute_steps])
             else:
                 self._push(obs)  # keep the history current while executing the chunk
-            self._t += 1
             return self._queue.pop(0)
-        chunk = self.act(obs)
-        self._ensemble = [(t0, c) for t0, c in self._ensemble if self._t - t0 < len(c)] + [(self._t, chunk)]
-        preds = np.stack([c[self._t - t0] for t0, c in self._ensemble])  # oldest first
-        w = np.exp(-self.temporal_ensemble * np.arange(len(preds)))  # ACT: the oldest prediction weighs most
-        self._t += 1
-        action = (w[:, None] * preds).sum(0) / w.sum()
-        gi = self.robot.gripper_index
-        if gi:  # the gripper stays binary: snap the averaged command to the nearer end of its range
-            mid = (self.action_low[gi] + self.action_high[gi]) / 2
-            action[gi] = np.where(action[gi] > mid, self.action_high[gi], self.action_low[gi])
-        return action.astype(np.float32)
+        return self.ensemble(self.act(obs))

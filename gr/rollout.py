@@ -270,7 +270,8 @@ def rollout_robot(module, source: str, out_dir: str, num_samples: int = 1, num_f
                   temperature: float = 0.0, top_k: Optional[int] = None, seed: int = 0,
                   views: Optional[list[str]] = None) -> dict[str, Any]:
     """Along each of `num_samples` episodes: one-step frame predictions at N steps, plus action chunks."""
-    from gr.data.robot import make_windows, normalizer
+    from gr.data.robot import make_windows
+    from gr.normalization import Normalizer
     from gr.data.robot_stream import RobotWindowStream
     from gr.data.shards import SampleError, expand_urls, raw_samples
 
@@ -279,7 +280,7 @@ def rollout_robot(module, source: str, out_dir: str, num_samples: int = 1, num_f
     unknown = [v for v in shown if v not in robot.view_names]
     if unknown:
         raise ValueError(f"--views: unknown view {unknown[0]!r}; this model's views are {robot.view_names}")
-    norm = normalizer(module.normalization_stats(), robot.arm_index, robot.gripper_index)
+    norm = Normalizer.from_stats(module.normalization_stats(), robot.arm_index, robot.gripper_index)
     # episode shards with mp4 views, or pre-tokenized ones (`{view}.tokens.npy`, codes of the model's own VQGAN)
     streams = {False: RobotWindowStream([], robot, clip, norm),
                True: RobotWindowStream([], robot, clip, norm, tokens=module.tokens_spec)}
@@ -335,12 +336,7 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
                           "VQGAN(true)" if pretokenized else "true")
     arm, grip = module.model.action_head.predict(module.model.readout_features(text, mask, hist, st),
                                                  torch.Generator().manual_seed(seed))
-    first = np.zeros((len(ws), robot.action_dim), np.float32)
-    first[:, robot.arm_index] = arm[:, 0].numpy() * norm["action_std"][robot.arm_index] + \
-        norm["action_mean"][robot.arm_index]
-    if grip is not None:
-        gi = robot.gripper_index
-        first[:, gi] = np.where(grip[:, 0].numpy() > 0, norm["gripper_high"][gi], norm["gripper_low"][gi])
+    first = norm.to_robot(arm[:, 0].numpy(), None if grip is None else grip[:, 0].numpy())
     result["actions_plot"] = plot_actions(first, action, os.path.join(out_dir, f"{name}_actions.png"))
     result["action_l1"] = float(np.abs(first - action).mean())
     return result | {"key": key}

@@ -68,7 +68,7 @@ def test_memory_benchmark_sees_fsdp2_shard_the_optimizer_state():
     import argparse
 
     ns = argparse.Namespace(preset="2x64x2", grid=4, vocab=64, batch_size=2, steps=1, device="cpu",
-                            precision="fp32", nproc=2)
+                            precision="fp32", nproc=2, lora=0)
     single = memory.run_one(ns, "single", act_ckpt=False)
     fsdp = memory.run_one(ns, "fsdp2", act_ckpt=True)
     assert "error" not in single and "error" not in fsdp, (single, fsdp)
@@ -76,6 +76,12 @@ def test_memory_benchmark_sees_fsdp2_shard_the_optimizer_state():
     assert fsdp["world_size"] == 2
     assert fsdp["optimizer_state_mib"] == pytest.approx(single["optimizer_state_mib"] / 2, rel=0.1)
     assert fsdp["param_mib"] == pytest.approx(single["param_mib"] / 2, rel=0.1)
+    lora = memory.run_one(ns, "single", act_ckpt=False, lora=4)
+    assert "error" not in lora, lora
+    # rank 4 on 2 blocks x (qkv 64->192, proj 64->64, fc 64->256, proj 256->64): 4 * sum(in + out) per block
+    assert lora["trainable_params"] == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert lora["trainable_params"] < single["trainable_params"] / 10
+    assert lora["optimizer_state_mib"] == pytest.approx(2 * lora["trainable_params"] * 4 / 2 ** 20, rel=0.01)
 
 
 def test_throughput_benchmark_builds_strategies_from_the_yaml_overlays():

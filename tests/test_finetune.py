@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gr.config import ConfigError, GRModelConfig
-from gr.data.robot import make_windows, normalizer, window_indices
+from gr.data.robot import make_windows, window_indices
+from gr.normalization import Normalizer
 from gr.data.robot_stream import RobotDataModule
 from gr.model import GRModel
 from gr.training.finetune import FinetuneModule
@@ -83,7 +84,7 @@ def test_windows_clamp_pad_and_normalize():
     assert hist == [2, 3, 4] and fut == 4 and chunk.tolist() == [4, 4, 4, 4] and valid.tolist() == [1, 0, 0, 0]
     stats = {"state": {"mean": [1.0], "std": [2.0], "min": [0.0], "max": [3.0]},
              "action": {"mean": [0.5, 0.0], "std": [0.5, 1.0], "min": [0.0, -1.0], "max": [1.0, 1.0]}}
-    norm = normalizer(stats, arm_index=[0], gripper_index=[1])
+    norm = Normalizer.from_stats(stats, arm_index=[0], gripper_index=[1])
     frames = {"v": np.arange(5)[:, None]}
     action = np.array([[1.0, -1.0], [0.0, 1.0], [0.5, 1.0], [1.0, -1.0], [0.0, 1.0]], np.float32)
     w = next(make_windows(frames, np.full((5, 1), 3.0, np.float32), action, norm, ["v"], [1], 2, 1, 3))
@@ -247,3 +248,25 @@ def test_copy_path_learns_copy_last_frame_faster():
 
     with_copy, without = token_acc_after_training(True), token_acc_after_training(False)
     assert with_copy > 0.95 and with_copy > without + 0.3, (with_copy, without)
+
+
+def test_normalizer_round_trip_and_temporal_ensemble_expiry():
+    from gr.temporal_ensemble import TemporalEnsemble
+
+    stats = {"state": {"mean": [1.0], "std": [0.0], "min": [1.0], "max": [1.0]},
+             "action": {"mean": [0.5, 0.0], "std": [2.0, 1.0], "min": [-3.0, -1.0], "max": [4.0, 1.0]}}
+    norm = Normalizer.from_stats(stats, arm_index=[0], gripper_index=[1])
+    assert norm.state(np.array([1.002]))[0] == pytest.approx(2.0, rel=1e-4)  # the std is floored at 1e-3
+    action = np.array([[3.5, 1.0], [-1.5, -1.0]], np.float32)
+    np.testing.assert_allclose(norm.arm(action)[:, 0], [1.5, -1.0])
+    np.testing.assert_array_equal(norm.gripper(action)[:, 0], [1.0, 0.0])
+    np.testing.assert_allclose(norm.to_robot(norm.arm(action), norm.gripper(action) * 2 - 1), action)
+    ens = TemporalEnsemble(0.0, norm.snap_gripper)
+    chunks = [np.array([[t, 1.0], [t + 10, 1.0]], np.float32) for t in (0.0, 1.0, 2.0)]
+    assert ens(chunks[0])[0] == 0.0
+    assert ens(chunks[1])[0] == pytest.approx((10 + 1) / 2)  # step 1: chunk 0's 2nd entry and chunk 1's 1st
+    third = ens(chunks[2])
+    assert third[0] == pytest.approx((11 + 2) / 2)  # chunk 0 (2 long) no longer covers step 2
+    assert third[1] == 1.0
+    with pytest.raises(ValueError, match="temporal_ensemble"):
+        TemporalEnsemble(-1.0)

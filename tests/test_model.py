@@ -78,7 +78,7 @@ def test_cache_mixes_single_and_multi_token_calls():
 def test_decode_linear_row_blocks_equal_linear(batch):
     """The decode step's weight-bandwidth path (row blocks as one batched product) equals nn.Linear, and at batch 1
     returns a plain row-major matrix (unit strides in both dims would send the next product to a slow path)."""
-    from gr.model.gpt import StepLinear
+    from gr.model.decode import StepLinear
 
     threads = torch.get_num_threads()
     torch.set_num_threads(4)

@@ -170,7 +170,7 @@ def test_text_video_rollout_on_a_still_clip(tmp_path):
 
 
 def test_robot_rollout_judges_each_view_offset_steps_ahead(robot_shards, tmp_path):
-    from gr.data.robot import normalizer
+    from gr.normalization import Normalizer
     from gr.data.robot_stream import RobotWindowStream
     from gr.data.shards import expand_urls, raw_samples
     from gr.metrics import psnr
@@ -193,7 +193,7 @@ def test_robot_rollout_judges_each_view_offset_steps_ahead(robot_shards, tmp_pat
     # The copy-last baseline compares frame t with frame t + offset, at t = 1, 4, 7 (history 2).
     raw = next(iter(raw_samples(expand_urls(robot_shards["val_shards"], "val"))))
     robot = module.robot_spec
-    stream = RobotWindowStream([], robot, module.clip_spec, normalizer(stats, robot.arm_index, robot.gripper_index))
+    stream = RobotWindowStream([], robot, module.clip_spec, Normalizer.from_stats(stats, robot.arm_index, robot.gripper_index))
     frames = stream.episode(raw, "val")[0]
     for view in ("head", "wrist"):
         f = torch.from_numpy(frames[view])
@@ -202,7 +202,7 @@ def test_robot_rollout_judges_each_view_offset_steps_ahead(robot_shards, tmp_pat
 
 
 def _robot_batch(module, robot_shards, n: int = 2):
-    from gr.data.robot import normalizer
+    from gr.normalization import Normalizer
     from gr.data.robot_stream import RobotWindowStream, collate_windows
     from gr.data.shards import expand_urls
 
@@ -210,7 +210,7 @@ def _robot_batch(module, robot_shards, n: int = 2):
     module.normalization_stats(stats)
     robot = module.robot_spec
     stream = RobotWindowStream(expand_urls(robot_shards["val_shards"], "val"), robot, module.clip_spec,
-                               normalizer(stats, robot.arm_index, robot.gripper_index), shuffle=False)
+                               Normalizer.from_stats(stats, robot.arm_index, robot.gripper_index), shuffle=False)
     it = iter(stream)
     return collate_windows([next(it) for _ in range(n)])
 

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from gr.data.video_io import encode_mp4
+from gr.normalization import Normalizer
 
 
 @dataclass
@@ -200,19 +201,6 @@ class EpisodeShardWriter:
 # Reading: training windows cut from episodes.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def normalizer(stats: dict[str, Any], arm_index: list[int], gripper_index: list[int]) -> dict[str, np.ndarray]:
-    """Arrays that map robot units to model units: state and arm actions by mean/std, gripper dims to {0, 1} at the
-    midpoint of their range. Small stds are floored so that constant dimensions do not blow up."""
-    s, a = stats["state"], stats["action"]
-    action_mean, action_std = np.asarray(a["mean"], np.float32), np.maximum(np.asarray(a["std"], np.float32), 1e-3)
-    mid = (np.asarray(a["min"], np.float32) + np.asarray(a["max"], np.float32)) / 2
-    return {"state_mean": np.asarray(s["mean"], np.float32),
-            "state_std": np.maximum(np.asarray(s["std"], np.float32), 1e-3),
-            "action_mean": action_mean, "action_std": action_std, "gripper_mid": mid,
-            "gripper_low": np.asarray(a["min"], np.float32), "gripper_high": np.asarray(a["max"], np.float32),
-            "arm_index": np.asarray(arm_index, np.int64), "gripper_index": np.asarray(gripper_index, np.int64)}
-
-
 def window_indices(num_steps: int, t: int, num_history: int, offset: int, chunk: int):
     """History steps (clamped at the episode start), the future step (clamped at the end), the chunk steps and their
     validity (False past the episode end, where the last action is repeated as padding)."""
@@ -222,13 +210,11 @@ def window_indices(num_steps: int, t: int, num_history: int, offset: int, chunk:
     return history, future, np.minimum(steps, num_steps - 1), steps < num_steps
 
 
-def make_windows(frames: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray, norm: dict[str, np.ndarray],
+def make_windows(frames: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray, norm: Normalizer,
                  views: list[str], steps: list[int], num_history: int, offset: int, chunk: int):
     """Cut training windows at the given steps. frames[v]: (T, ...) frames or codes. Yields dicts of arrays:
     history (Th, Nv, ...), future (Nv, ...), state (Th, S), arm (k, A_arm), gripper (k, A_grip), action_mask (k,)."""
-    s = (state - norm["state_mean"]) / norm["state_std"]
-    arm = ((action - norm["action_mean"]) / norm["action_std"])[:, norm["arm_index"]]
-    grip = (action[:, norm["gripper_index"]] > norm["gripper_mid"][norm["gripper_index"]]).astype(np.float32)
+    s, arm, grip = norm.state(state), norm.arm(action), norm.gripper(action)
     for t in steps:
         hist, fut, chunk_idx, valid = window_indices(len(state), t, num_history, offset, chunk)
         yield {"history": np.stack([np.stack([frames[v][i] for v in views]) for i in hist]),

@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from gr.config import ClipSpec, ConfigError, RobotConfig
-from gr.data.robot import make_windows, normalizer
+from gr.data.robot import make_windows
+from gr.normalization import Normalizer
 from gr.data.datamodule import ResumableLoader
 from gr.data.shards import SampleError, ShardStream, expand_urls, load_codes, raw_samples, tokens_spec_mismatch
 from gr.data.video_io import VideoDecodeError, get_frames, open_video, resize_center_crop
@@ -74,7 +75,7 @@ class RobotWindowStream(ShardStream):
         urls: shard URLs.
         robot: the model's robot config (views, state/action sizes, chunk).
         clip: the model's clip spec (num_history, future_frame_offset in steps, image_size).
-        norm: `normalizer(...)` arrays from the dataset statistics.
+        norm: the `Normalizer` of the dataset statistics.
         tokens: None for mp4 views; else the model's tokens spec (pre-tokenized shards).
         windows_per_episode: windows drawn per episode per pass (None: every step).
         shuffle: shuffle shards, windows (buffered) and the chosen steps; else deterministic order.
@@ -255,7 +256,7 @@ class RobotDataModule(L.LightningDataModule):
     def _stream(self, urls: list[str], train: bool) -> RobotWindowStream:
         module = self._module()
         robot = module.robot_spec
-        norm = normalizer(module.normalization_stats(self.stats), robot.arm_index, robot.gripper_index)
+        norm = Normalizer.from_stats(module.normalization_stats(self.stats), robot.arm_index, robot.gripper_index)
         tokens = module.tokens_spec if self.shard_format == "tokens" else None
         return RobotWindowStream(urls, robot, module.clip_spec, norm, tokens,
                                  self.windows_per_episode if train else None, shuffle=train,

@@ -30,7 +30,8 @@ from torch import nn
 
 from gr.config import GRModelConfig
 from gr.model.heads import build_action_head
-from gr.model.gpt import GPTTrunk, KVCache, StepLinear
+from gr.model.decode import StepLinear
+from gr.model.gpt import GPTTrunk, KVCache
 
 
 class GRModel(nn.Module):

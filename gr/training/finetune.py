@@ -18,7 +18,8 @@ from typing import Any, Optional
 import torch
 
 from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
-from gr.export import is_export, read_training_checkpoint, stats_from_buffers
+from gr.export import FROZEN_PREFIXES, is_export, read_training_checkpoint, stats_from_buffers
+from gr.model.lora import LoRAConfig, apply_lora
 from gr.training.pretrain import PretrainModule, frame_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,32 @@ class FinetuneModule(PretrainModule):
             run (`--ckpt_path`) gets `init_from: null` and this, since its weights are already in the checkpoint.
         freeze: parameter-name prefixes of `model` to keep frozen (e.g. ["trunk.", "code_emb."]).
         compile: torch.compile each transformer block (see PretrainModule).
+        lora: LoRA adapters {rank, alpha, targets, trainable} (gr/model/lora.py). The base weights come from
+            `init_from` and stay frozen; the adapters, the new robot parts and `lora.trainable` train. Checkpoints then
+            hold only what is not in the base, plus `lora_base`, the base checkpoint's path.
+        lora_base: set by LoRA runs in their checkpoints (the base to rebuild from); not set by hand.
     """
 
     def __init__(self, model, text_encoder, image_tokenizer, optim=None, loss: Optional[FinetuneLossConfig] = None,
                  init_from: Optional[str] = None, init_strict: bool = True, freeze: Optional[list[str]] = None,
-                 compile: bool = False, pretrained_from: Optional[str] = None):
+                 compile: bool = False, pretrained_from: Optional[str] = None, lora: Optional[dict] = None,
+                 lora_base: Optional[str] = None):
         super().__init__(model, text_encoder, image_tokenizer, optim, compile=compile)
         if self.model_cfg.robot is None:
             raise ConfigError("model.robot: finetuning needs the robot parts (view_names, state_dim, action_dim, ...)")
         loss = as_config(FinetuneLossConfig, loss or {}, "loss")
         self.loss_cfg = loss
+        self.lora_cfg = as_config(LoRAConfig, lora, "lora") if lora else None
+        base = init_from or lora_base
+        if self.lora_cfg is not None and not base:
+            raise ConfigError("lora: adapters need a base model: set init_from (the pretrained checkpoint whose "
+                              "weights stay frozen under the adapters)")
         hp = dict(self.hparams)
         hp.update(_class_path=f"{type(self).__module__}.{type(self).__qualname__}", loss=dataclasses.asdict(loss),
                   init_from=init_from, init_strict=init_strict, freeze=list(freeze or []),
-                  pretrained_from=pretrained_from or init_from)
+                  pretrained_from=pretrained_from or init_from,
+                  lora=dataclasses.asdict(self.lora_cfg) if self.lora_cfg else None,
+                  lora_base=base if self.lora_cfg else None)
         self.save_hyperparameters(hp)
         robot = self.model_cfg.robot
         # Rows: mean, std, min, max. NaN until set from the data (or restored from a checkpoint).
@@ -65,7 +78,19 @@ class FinetuneModule(PretrainModule):
         self.init_report: dict[str, Any] = {}
         if init_from:
             self.init_report = self.load_pretrained(init_from, init_strict)
+        elif self.lora_cfg is not None:  # rebuilt from a LoRA checkpoint: the frozen base comes from its own file
+            if not os.path.exists(lora_base):
+                raise ConfigError(f"lora_base: the base checkpoint {lora_base!r} is missing; a LoRA checkpoint holds "
+                                  "only its adapters and robot parts, and needs that file to rebuild the model")
+            self.init_report = self.load_pretrained(lora_base, init_strict)
+        self.lora_base_keys: set[str] = set()  # frozen base weights: not written to checkpoints in LoRA runs
+        if self.lora_cfg is not None:
+            self.lora_targets = apply_lora(self.model, self.lora_cfg)
+            self._train_only_adapters(self.lora_cfg)
         self._freeze(freeze or [])
+        if self.lora_cfg is not None:
+            loaded = set(self.init_report.get("loaded", []))
+            self.lora_base_keys = {n for n, p in self.model.named_parameters() if not p.requires_grad and n in loaded}
 
     @property
     def robot_spec(self) -> RobotConfig:
@@ -120,6 +145,37 @@ class FinetuneModule(PretrainModule):
                        f"{sorted({k.split('.')[0] for k in new})}), {len(dropped)} dropped from the checkpoint"
                        + (f": {dropped[:5]}" if dropped else ""))
         return report
+
+    # ---- LoRA: adapters over a frozen base ----
+    def _train_only_adapters(self, cfg: LoRAConfig) -> None:
+        names = [n for n, _ in self.model.named_parameters()]
+        for prefix in cfg.trainable:
+            if not any(n.startswith(prefix) for n in names):
+                raise ConfigError(f"lora.trainable: prefix {prefix!r} matches no parameter of the model")
+        keep = (*ROBOT_ONLY_PREFIXES, *cfg.trainable)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(n.rpartition(".")[2] in ("lora_A", "lora_B") or n.startswith(keep))
+
+    def state_dict(self, *args, **kwargs):
+        """In LoRA runs, without the frozen base weights (rebuilt from `lora_base`)."""
+        sd = super().state_dict(*args, **kwargs)
+        if self.lora_base_keys:
+            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            for name in self.lora_base_keys:
+                sd.pop(f"{prefix}model.{name}", None)
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not self.lora_base_keys:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys
+                   if not k.startswith(FROZEN_PREFIXES) and k[len("model."):] not in self.lora_base_keys]
+        if strict and (missing or result.unexpected_keys):
+            bad = missing[:1] or result.unexpected_keys[:1]
+            raise ValueError(f"LoRA checkpoint does not fit the model: first bad key {bad[0]!r} "
+                             f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected)")
+        return result
 
     def _freeze(self, prefixes: list[str]) -> None:
         names = [n for n, _ in self.model.named_parameters()]

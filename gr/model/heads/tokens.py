@@ -23,6 +23,7 @@ from torch import nn
 
 from gr.config import FinetuneLossConfig, RobotConfig
 from gr.model.heads.base import ActionHead, decoder_layer
+from gr.normalization import STD_FLOOR
 
 
 class TokenActionHead(ActionHead):
@@ -52,7 +53,7 @@ class TokenActionHead(ActionHead):
     # ---- bins ----
     def set_statistics(self, stats_action: torch.Tensor) -> None:
         mean, std, lo, hi = (stats_action[i, self.arm_index].float() for i in range(4))
-        std = std.clamp(min=1e-3)  # the floor the data pipeline normalizes with (gr.data.robot.normalizer)
+        std = std.clamp(min=STD_FLOOR)  # the floor the data pipeline normalizes with
         low, high = (lo - mean) / std, (hi - mean) / std
         high = torch.maximum(high, low + 1e-3)  # a constant dim still gets a (tiny) range
         self.low.copy_(low.to(self.low))
