@@ -217,7 +217,9 @@ class RobotConfig:
     action_dim: int = 4
     action_chunk: int = 10  # k: actions a_t .. a_{t+k-1} predicted per step
     num_readouts: int = 4  # ACT readout tokens placed after the prefix, before the future frames
-    gripper_dims: list[int] = field(default_factory=lambda: [-1])  # binary open/close action dims (BCE); [] = none
+    gripper_dims: list[int] = field(default_factory=lambda: [-1])  # binary open/close action dims (BCE); [] = none:
+    # every dim is continuous and z-scored, as ALOHA / SO-100 grippers need
+    history_stride: int = 1  # control steps between history frames: a 50 Hz robot's history can span more than 2 steps
     head: ActionHeadConfig = field(default_factory=ActionHeadConfig)
 
     def __post_init__(self) -> None:
@@ -225,8 +227,9 @@ class RobotConfig:
         _require(len(self.view_names) >= 1 and len(set(self.view_names)) == len(self.view_names),
                  "model.robot.view_names", f"must be distinct and non-empty, got {self.view_names}")
         self.view_names = sorted(self.view_names)
-        for name in ("state_dim", "action_dim", "action_chunk", "num_readouts"):
-            _require(getattr(self, name) >= 1, f"model.robot.{name}", "must be >= 1")
+        for name in ("state_dim", "action_dim", "action_chunk", "num_readouts", "history_stride"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"model.robot.{name}",
+                     f"must be an int >= 1, got {getattr(self, name)!r}")
         dims = [d % self.action_dim for d in self.gripper_dims]
         _require(all(-self.action_dim <= d < self.action_dim for d in self.gripper_dims) and len(set(dims)) == len(dims),
                  "model.robot.gripper_dims", f"{self.gripper_dims} are not distinct dims of a {self.action_dim}-D action")

@@ -132,11 +132,16 @@ class GRPolicy:
                 for i, obs in enumerate(observations)]
 
     def new_history(self) -> deque:
-        return deque(maxlen=self.clip.num_history)
+        """The last (num_history - 1) * history_stride + 1 observations: every `history_stride`-th one, ending with
+        the newest, goes to the model (`model_window`), as the training windows were cut."""
+        return deque(maxlen=(self.clip.num_history - 1) * self.robot.history_stride + 1)
+
+    def model_window(self, history: deque) -> list:
+        return list(history)[:: self.robot.history_stride]
 
     def push_entry(self, history: deque, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
         if not history:
-            history.extend([entry] * self.clip.num_history)  # at the start, the first frame is the past
+            history.extend([entry] * history.maxlen)  # at the start, the first frame is the past
         else:
             history.append(entry)
 
@@ -148,8 +153,9 @@ class GRPolicy:
         """Action chunks (k, A) in robot units for several histories at once (one prefix pass over the batch)."""
         feats = [self._text_features(i) for i in instructions]
         text, mask = torch.cat([f for f, _ in feats]), torch.cat([m for _, m in feats])
-        codes = torch.stack([torch.stack([c for c, _ in h]) for h in histories])  # (B, Th, Nv, h, w)
-        state = torch.stack([torch.stack([s for _, s in h]) for h in histories])  # (B, Th, S)
+        windows = [self.model_window(h) for h in histories]
+        codes = torch.stack([torch.stack([c for c, _ in w]) for w in windows])  # (B, Th, Nv, h, w)
+        state = torch.stack([torch.stack([s for _, s in w]) for w in windows])  # (B, Th, S)
         readouts = self.model.readout_features(text, mask, codes, state)
         arm, grip = self.model.action_head.predict(readouts, self.generator)
         arm = arm.float().cpu().numpy()

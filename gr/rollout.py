@@ -323,7 +323,7 @@ def _robot_episode(module, out_dir, name, key, frames, state, action, instructio
     else:
         codes = {v: module.image_tokenizer.encode(torch.from_numpy(frames[v])) for v in robot.view_names}
     ws = list(make_windows({v: c.numpy() for v, c in codes.items()}, state, action, norm, robot.view_names,
-                           list(range(len(state))), th, step, robot.action_chunk))
+                           list(range(len(state))), th, step, robot.action_chunk, robot.history_stride))
     hist = torch.from_numpy(np.stack([w["history"] for w in ws]))
     st = torch.from_numpy(np.stack([w["state"] for w in ws]))
     text, mask = module.text_encoder([instruction] * len(ws))

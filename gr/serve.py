@@ -74,6 +74,7 @@ class PolicyServer:
         robot, clip = self.policy.robot, self.policy.clip
         return {"views": list(robot.view_names), "image_size": clip.image_size, "state_dim": robot.state_dim,
                 "action_dim": robot.action_dim, "action_chunk": robot.action_chunk, "num_history": clip.num_history,
+                "history_stride": robot.history_stride,
                 "max_batch": self.max_batch, "max_request_bytes": self.max_request_bytes,
                 "max_connections": self.max_connections}
 

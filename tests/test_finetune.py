@@ -270,3 +270,24 @@ def test_normalizer_round_trip_and_temporal_ensemble_expiry():
     assert third[1] == 1.0
     with pytest.raises(ValueError, match="temporal_ensemble"):
         TemporalEnsemble(-1.0)
+
+
+def test_history_stride_spaces_training_windows_and_policy_history(tmp_path):
+    """A history stride of s control steps: windows take frames t - s, t (clamped at the start), and the policy feeds
+    the model the same frames from its observation history."""
+    hist, fut, _, _ = window_indices(20, 7, 3, 2, 4, stride=3)
+    assert hist == [1, 4, 7] and fut == 9
+    assert window_indices(20, 2, 3, 2, 4, stride=3)[0] == [0, 0, 2]  # clamped at the episode start
+    with pytest.raises(ConfigError, match="model.robot.history_stride"):
+        GRModelConfig(**dict(TINY_ROBOT_MODEL, robot=dict(ROBOT, history_stride=0)))
+    from gr.policy import GRPolicy
+
+    module = FinetuneModule(**_finetune_args(model=dict(TINY_ROBOT_MODEL, robot=dict(ROBOT, history_stride=3))))
+    module.normalization_stats({k: {s: [0.0 if s != "std" else 1.0] * 4 for s in ("mean", "std", "min", "max")}
+                                for k in ("state", "action")})
+    policy = GRPolicy(module)
+    h = policy.new_history()
+    for t in range(8):
+        policy.push_entry(h, t)
+        window = policy.model_window(h)
+        assert window == [max(0, t - 3), t] if t else window == [0, 0]  # the windows training cuts, at every step

@@ -235,3 +235,23 @@ def test_finetune_steps_with_every_head(kind, robot_shards):
     module.eval()
     with torch.no_grad():
         assert torch.isfinite(module.validation_step(batch, 0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_continuous_gripper_is_an_ordinary_arm_dim(kind):
+    """gripper_dims: [] (ALOHA / SO-100 style grippers): every dim is z-scored and continuous; no binary snapping."""
+    torch.manual_seed(0)
+    model = {**TINY_MODEL, "robot": {**robot_cfg(kind), "gripper_dims": []}}
+    module = FinetuneModule(**module_init_args(model=model))
+    module.normalization_stats(STATS)
+    head = module.model.action_head
+    assert head.num_arm == 4 and head.num_gripper == 0
+    g = torch.Generator().manual_seed(0)
+    batch = {"arm": torch.randn(2, 4, 4, generator=g), "gripper": torch.zeros(2, 4, 0),
+             "action_mask": torch.ones(2, 4, dtype=torch.bool)}
+    assert torch.isfinite(head.losses(torch.randn(2, 2, 32, generator=g), batch, FinetuneLossConfig())["action_loss"])
+    policy = GRPolicy(module.eval())
+    rng = np.random.default_rng(0)
+    chunk = policy.act({"images": {v: rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for v in ("head", "wrist")},
+                        "state": np.zeros(4, np.float32), "instruction": "grasp"})
+    assert chunk.shape == (4, 4) and not set(np.unique(chunk[:, 3])) <= {-1.0, 1.0}  # not snapped to the ends

@@ -201,22 +201,22 @@ class EpisodeShardWriter:
 # Reading: training windows cut from episodes.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def window_indices(num_steps: int, t: int, num_history: int, offset: int, chunk: int):
+def window_indices(num_steps: int, t: int, num_history: int, offset: int, chunk: int, stride: int = 1):
     """History steps (clamped at the episode start), the future step (clamped at the end), the chunk steps and their
     validity (False past the episode end, where the last action is repeated as padding)."""
-    history = [max(0, t - (num_history - 1 - i)) for i in range(num_history)]
+    history = [max(0, t - (num_history - 1 - i) * stride) for i in range(num_history)]
     future = min(num_steps - 1, t + offset)
     steps = np.arange(t, t + chunk)
     return history, future, np.minimum(steps, num_steps - 1), steps < num_steps
 
 
 def make_windows(frames: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray, norm: Normalizer,
-                 views: list[str], steps: list[int], num_history: int, offset: int, chunk: int):
+                 views: list[str], steps: list[int], num_history: int, offset: int, chunk: int, stride: int = 1):
     """Cut training windows at the given steps. frames[v]: (T, ...) frames or codes. Yields dicts of arrays:
     history (Th, Nv, ...), future (Nv, ...), state (Th, S), arm (k, A_arm), gripper (k, A_grip), action_mask (k,)."""
     s, arm, grip = norm.state(state), norm.arm(action), norm.gripper(action)
     for t in steps:
-        hist, fut, chunk_idx, valid = window_indices(len(state), t, num_history, offset, chunk)
+        hist, fut, chunk_idx, valid = window_indices(len(state), t, num_history, offset, chunk, stride)
         yield {"history": np.stack([np.stack([frames[v][i] for v in views]) for i in hist]),
                "future": np.stack([frames[v][fut] for v in views]), "state": s[hist].astype(np.float32),
                "arm": arm[chunk_idx].astype(np.float32), "gripper": grip[chunk_idx], "action_mask": valid,

@@ -143,7 +143,8 @@ class RobotWindowStream(ShardStream):
                 steps = sorted(rng.sample(steps, self.windows_per_episode)) if self.shuffle else \
                     steps[:: max(1, len(steps) // self.windows_per_episode)][: self.windows_per_episode]
             for w in make_windows(frames, state, action, self.norm, self.robot.view_names, steps,
-                                  self.clip.num_history, self.clip.future_frame_offset, self.robot.action_chunk):
+                                  self.clip.num_history, self.clip.future_frame_offset, self.robot.action_chunk,
+                                  self.robot.history_stride):
                 yield {**{k: torch.from_numpy(np.asarray(v)) for k, v in w.items()}, "instruction": instruction,
                        "key": f"{key}@{w['step']}", "num_skipped": num_skipped}
                 num_skipped = 0
