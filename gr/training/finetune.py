@@ -20,6 +20,7 @@ import torch
 from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
 from gr.export import FROZEN_PREFIXES, is_export, read_training_checkpoint, stats_from_buffers
 from gr.model.lora import LoRAConfig, apply_lora
+from gr.training.augment import AugmentConfig, shift_window
 from gr.training.pretrain import PretrainModule, frame_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -48,18 +49,20 @@ class FinetuneModule(PretrainModule):
             `init_from` and stay frozen; the adapters, the new robot parts and `lora.trainable` train. Checkpoints then
             hold only what is not in the base, plus `lora_base`, the base checkpoint's path.
         lora_base: set by LoRA runs in their checkpoints (the base to rebuild from); not set by hand.
+        augment: random-shift augmentation of training windows {pixel_shift, code_shift} (gr/training/augment.py).
     """
 
     def __init__(self, model, text_encoder, image_tokenizer, optim=None, loss: Optional[FinetuneLossConfig] = None,
                  init_from: Optional[str] = None, init_strict: bool = True, freeze: Optional[list[str]] = None,
                  compile: bool = False, pretrained_from: Optional[str] = None, lora: Optional[dict] = None,
-                 lora_base: Optional[str] = None):
+                 lora_base: Optional[str] = None, augment: Optional[dict] = None):
         super().__init__(model, text_encoder, image_tokenizer, optim, compile=compile)
         if self.model_cfg.robot is None:
             raise ConfigError("model.robot: finetuning needs the robot parts (view_names, state_dim, action_dim, ...)")
         loss = as_config(FinetuneLossConfig, loss or {}, "loss")
         self.loss_cfg = loss
         self.lora_cfg = as_config(LoRAConfig, lora, "lora") if lora else None
+        self.augment_cfg = as_config(AugmentConfig, augment or {}, "augment")
         base = init_from or lora_base
         if self.lora_cfg is not None and not base:
             raise ConfigError("lora: adapters need a base model: set init_from (the pretrained checkpoint whose "
@@ -69,7 +72,7 @@ class FinetuneModule(PretrainModule):
                   init_from=init_from, init_strict=init_strict, freeze=list(freeze or []),
                   pretrained_from=pretrained_from or init_from,
                   lora=dataclasses.asdict(self.lora_cfg) if self.lora_cfg else None,
-                  lora_base=base if self.lora_cfg else None)
+                  lora_base=base if self.lora_cfg else None, augment=dataclasses.asdict(self.augment_cfg))
         self.save_hyperparameters(hp)
         robot = self.model_cfg.robot
         # Rows: mean, std, min, max. NaN until set from the data (or restored from a checkpoint).
@@ -194,8 +197,13 @@ class FinetuneModule(PretrainModule):
     def codes(self, batch: dict[str, Any]):
         """History (B, Th, Nv, h, w) and future (B, Nv, h, w) codes, from frames or pre-tokenized codes."""
         hist, fut = batch["history"], batch["future"]
+        aug = self.augment_cfg
         if hist.dtype == torch.uint8:  # frames (..., S, S, 3)
+            if self.training:
+                hist, fut = shift_window(hist, fut, aug.pixel_shift, pixels=True)
             hist, fut = self.image_tokenizer.encode(hist), self.image_tokenizer.encode(fut)
+        elif self.training:
+            hist, fut = shift_window(hist, fut, aug.code_shift, pixels=False)
         return hist, fut
 
     def state_input(self, batch: dict[str, Any]) -> torch.Tensor:
