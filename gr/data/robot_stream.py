@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from gr.config import ClipSpec, ConfigError, RobotConfig
+from gr.config import ClipSpec, ConfigError, RobotConfig, as_config
+from gr.data.cotrain import CotrainConfig, CotrainLoader
+from gr.data.datamodule import ClipStreamLoader, ResumableLoader
 from gr.data.robot import make_windows
+from gr.data.shards import (MixedClipStream, SampleError, ShardStream, expand_urls, load_codes, raw_samples,
+                            tokens_spec_mismatch)
 from gr.normalization import Normalizer
-from gr.data.datamodule import ResumableLoader
-from gr.data.shards import SampleError, ShardStream, expand_urls, load_codes, raw_samples, tokens_spec_mismatch
 from gr.data.video_io import VideoDecodeError, get_frames, open_video, resize_center_crop
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,8 @@ class RobotDataModule(L.LightningDataModule):
             trainer.max_steps.
         batches_per_epoch: epoch length in batches per rank (with `resampled`: the nominal epoch; without: cut each
             pass there, so every rank takes the same number of steps).
+        cotrain: video co-training {shards, weight, shard_format, view, fps, future_frame_offset}
+            (gr/data/cotrain.py): that fraction of training steps takes a text-video batch instead.
 
     The training loader resumes mid-epoch exactly (`ResumableLoader`): a restarted finetune continues the epoch's
     shard order and window draws instead of replaying epoch 0.
@@ -202,8 +206,10 @@ class RobotDataModule(L.LightningDataModule):
                  batch_size: int = 32, num_workers: int = 2, shuffle_buffer: int = 512,
                  windows_per_episode: Optional[int] = None, shard_format: str = "video",
                  stats_file: Optional[str] = None, seed: int = 0, resampled: bool = False,
-                 batches_per_epoch: Optional[int] = None):
+                 batches_per_epoch: Optional[int] = None, cotrain: Optional[dict] = None):
         super().__init__()
+        self.cotrain = as_config(CotrainConfig, cotrain, "data.cotrain") if cotrain else None
+        self._cotrain_loader: Optional[CotrainLoader] = None
         if shard_format not in ("video", "tokens"):
             raise ConfigError(f"data.shard_format must be 'video' or 'tokens', got {shard_format!r}")
         if batch_size < 1:
@@ -264,18 +270,47 @@ class RobotDataModule(L.LightningDataModule):
                                  shuffle_buffer=self.shuffle_buffer, seed=self.seed,
                                  resampled=self.resampled and train)
 
-    def train_dataloader(self) -> ResumableLoader:
+    def train_dataloader(self):
         if self._train_loader is None:  # one loader for the run: its progress (epoch, positions) is checkpointed
             self._train_loader = ResumableLoader(self._stream(self.train_urls, True), self.batches_per_epoch,
                                                  batch_size=self.batch_size, num_workers=self.num_workers,
                                                  collate_fn=collate_windows, drop_last=True,
                                                  pin_memory=torch.cuda.is_available())
-        return self._train_loader
+        if self.cotrain is None:
+            return self._train_loader
+        if self._cotrain_loader is None:
+            self._cotrain_loader = self._make_cotrain_loader()
+        return self._cotrain_loader
+
+    def _cotrain_clip(self) -> ClipSpec:
+        clip, c = self._module().clip_spec, self.cotrain
+        return ClipSpec(num_history=clip.num_history, future_frame_offset=c.future_frame_offset, fps=c.fps,
+                        image_size=clip.image_size)
+
+    def _cotrain_view(self) -> int:
+        views = self._module().robot_spec.view_names
+        name = self.cotrain.view or views[0]
+        if name not in views:
+            raise ConfigError(f"data.cotrain.view: {name!r} is not one of the model's views {views}")
+        return views.index(name)
+
+    def _make_cotrain_loader(self) -> CotrainLoader:
+        c, module = self.cotrain, self._module()
+        tokens = module.tokens_spec if c.shard_format == "tokens" else None
+        urls = expand_urls(c.shards, "data.cotrain.shards")
+        stream = MixedClipStream([(urls, 1.0)], self._cotrain_clip(), shuffle=True, shuffle_buffer=self.shuffle_buffer,
+                                 seed=self.seed, tokens=tokens, resampled=True)
+        video = ClipStreamLoader(stream, None, batch_size=self.batch_size, num_workers=self.num_workers,
+                                 drop_last=True, pin_memory=torch.cuda.is_available())
+        return CotrainLoader(self._train_loader, video, c.weight, self.seed, self._cotrain_view())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
-        if trainer is not None and trainer.training and self._train_loader is not None and "position" in batch:
-            self._train_loader.mark_consumed(batch["position"])
+        if trainer is not None and trainer.training and "position" in batch:
+            if self._cotrain_loader is not None:
+                self._cotrain_loader.mark_consumed(batch)
+            elif self._train_loader is not None:
+                self._train_loader.mark_consumed(batch["position"])
         return batch
 
     def val_dataloader(self):

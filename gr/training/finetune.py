@@ -20,6 +20,7 @@ import torch
 from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
 from gr.export import FROZEN_PREFIXES, is_export, read_training_checkpoint, stats_from_buffers
 from gr.model.lora import LoRAConfig, apply_lora
+from gr.model.video_mode import video_frame_logits
 from gr.training.augment import AugmentConfig, shift_window
 from gr.training.pretrain import PretrainModule, frame_cross_entropy
 
@@ -221,7 +222,23 @@ class FinetuneModule(PretrainModule):
         out["loss"] = self.loss_cfg.frame_weight * frame_ce + out.pop("action_loss")
         return out
 
+    def cotrain_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A text-video batch of video co-training (data.cotrain): the frame loss only, through the one-view layout."""
+        history, future, text, text_mask = self.tokenize(batch)
+        logits = video_frame_logits(self.model, text, text_mask, history, future, int(batch["view"]))
+        frame_ce = frame_cross_entropy(logits, future)
+        loss = self.loss_cfg.frame_weight * frame_ce
+        self.check_finite(loss, batch["key"])
+        self._skipped_total += int(batch["num_skipped"])
+        bs = len(batch["caption"])
+        acc = (logits.argmax(-1) == future.reshape(future.shape[0], -1)).float().mean()
+        self.log_dict({"train/cotrain/loss": loss.detach(), "train/cotrain/frame_ce": frame_ce.detach(),
+                       "train/cotrain/token_acc": acc.detach()}, batch_size=bs)
+        return loss
+
     def training_step(self, batch: dict[str, Any], batch_idx: int):
+        if "caption" in batch:  # a video co-training batch
+            return self.cotrain_step(batch)
         out = self.robot_losses(batch)
         self.check_finite(out["loss"], batch["key"])
         self._skipped_total += int(batch["num_skipped"])
