@@ -134,6 +134,8 @@ TOOLS = {
                 "--source SHARDS"),
     "experiment": ("gr.experiment", "pretrained vs scratch finetuning at several demo counts: gr experiment "
                    "--pretrained CKPT --pretrain-includes-target-tasks {yes,no}"),
+    "experiment-grid": ("gr.experiment_grid", "action heads x {full, LoRA} x {co-training} x {augmentation} on one "
+                        "benchmark: gr experiment-grid --pretrained CKPT --pretrain-includes-target-tasks {yes,no}"),
     "export": ("gr.export", "portable export folder (model.safetensors, config.json, README card): gr export "
                "CKPT OUT_DIR"),
     "serve": ("gr.serve", "policy server over a websocket (msgpack): gr serve --checkpoint CKPT --port N"),

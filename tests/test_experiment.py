@@ -223,3 +223,32 @@ def test_reuse_scratch_takes_matching_arms_only(finished, tiny_setup, tmp_path, 
         lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(lines) == 1 and lines[0].startswith("gr experiment: error: --reuse-scratch: ") and message in lines[0]
     assert trained == ["pretrained"]  # no refused run trained anything
+
+
+def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path):
+    """Two cells of the grid (the tokens head, fully finetuned and with LoRA, both with code-shift augmentation) on
+    the experiment's data: both train, run closed loop, and report success, latency and trainable parameters."""
+    out = tmp_path / "grid"
+    grid_args = ["--pretrained", tiny_setup["pretrained"], "--pretrain-includes-target-tasks", "no", "--config",
+                 tiny_setup["config"], "--steps", "2", "--tasks", TASK, "--eval-only-tasks", ZERO_SHOT, "--demos",
+                 "2", "--seeds", "0", "--eval-episodes", "1", "--eval-max-steps", "12", "--workers", "1",
+                 "--robot-data", finished[1]["data"]["folder"], "--out", str(out), "--latency-repeats", "2"]
+    gr_main(["experiment-grid", *grid_args, "--heads", "tokens", "--adapt", "full", "lora", "--augment", "on"])
+    grid = json.load(open(out / "grid.json"))
+    assert sorted(grid["runs"]) == ["tokens-full-cotrain_off-aug_on_s0", "tokens-lora-cotrain_off-aug_on_s0"]
+    lora = grid["runs"]["tokens-lora-cotrain_off-aug_on_s0"]
+    full = grid["runs"]["tokens-full-cotrain_off-aug_on_s0"]
+    assert lora["trainable_params"] < full["trainable_params"]
+    hp = torch.load(lora["checkpoint"], weights_only=False)["hyper_parameters"]
+    assert hp["model"]["robot"]["head"]["kind"] == "tokens" and hp["lora"]["rank"] == 8
+    assert hp["augment"]["code_shift"] == 1
+    for run in (lora, full):
+        assert run["act_ms"] > 0 and run["global_step"] == 2 and len(run["episodes"][TASK]) == 1
+    s = grid["summary"]["tokens-lora-cotrain_off-aug_on"]
+    assert s["episodes"] == 1 and 0 <= s["ci95"][0] <= s["success"] <= s["ci95"][1] <= 1
+    assert "| tokens | lora | off | on |" in (out / "grid.md").read_text()
+    with pytest.raises(SystemExit):
+        gr_main(["experiment-grid", *grid_args, "--cotrain", "on"])  # no --cotrain-shards
+    steps = grid_args.index("--steps") + 1
+    with pytest.raises(SystemExit):  # more cells in the same folder must keep the budget the runs had
+        gr_main(["experiment-grid", *grid_args[:steps], "3", *grid_args[steps + 1:], "--heads", "cvae"])

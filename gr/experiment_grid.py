@@ -1,0 +1,212 @@
+"""`gr experiment-grid`: action heads x {full finetune, LoRA} x {video co-training off, on} x {augmentation off, on},
+each finetuned from the same pretrained checkpoint with the same step budget, data and seeds, and evaluated closed
+loop on the same seeded layouts as `gr experiment` (gr/experiment.py supplies the data, configs and evaluation).
+
+Per cell it reports closed-loop success (per task, and the mean with a Wilson 95% interval over every episode of
+every seed), the action latency of `GRPolicy.act` on the trained checkpoint (median ms, batch 1, this machine),
+training time and trainable parameters. `<out>/grid.json` is written after every run (a restart skips finished
+runs); `<out>/grid.md` holds the table.
+
+    gr experiment-grid --pretrained outputs/demo/pretrain/checkpoints/last.ckpt --pretrain-includes-target-tasks yes \\
+        --heads cvae flow diffusion tokens --adapt full lora --cotrain off on --augment off on \\
+        --cotrain-shards "data/metaworld_video_tokens/train-{000000..000003}.tar"
+
+Cell settings: `lora` = rank --lora-rank adapters on the trunk (alpha = 2 x rank); co-training `on` = a fraction
+--cotrain-weight of the steps on the pre-tokenized --cotrain-shards; augmentation `on` = a code-level shift of up to
+--code-shift cells (the experiment trains on pre-tokenized shards; see gr/training/augment.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Optional
+
+from gr.config import HEAD_KINDS
+from gr.experiment import (DESIGN_KEYS, EVAL_ONLY_TASKS, FINETUNE_TASKS, InputError, arm_config, eval_arm, prepare,
+                           same_design, save_json, train_arm, wilson)
+
+AXES = ("head", "adapt", "cotrain", "augment")
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gr experiment-grid", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained", required=True)
+    p.add_argument("--pretrain-includes-target-tasks", required=True, choices=["yes", "no"])
+    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                    "configs/demo/finetune.yaml"))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--tasks", nargs="+", default=list(FINETUNE_TASKS))
+    p.add_argument("--eval-only-tasks", nargs="*", default=list(EVAL_ONLY_TASKS))
+    p.add_argument("--demos", type=int, default=5, help="training demos per task (one level)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--eval-max-steps", type=int, default=200)
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--robot-data", default=None)
+    p.add_argument("--heads", nargs="+", choices=HEAD_KINDS, default=list(HEAD_KINDS))
+    p.add_argument("--adapt", nargs="+", choices=["full", "lora"], default=["full", "lora"])
+    p.add_argument("--cotrain", nargs="+", choices=["off", "on"], default=["off"])
+    p.add_argument("--augment", nargs="+", choices=["off", "on"], default=["off", "on"])
+    p.add_argument("--cotrain-shards", default=None, help="pre-tokenized text-video shards for co-training cells")
+    p.add_argument("--cotrain-weight", type=float, default=0.25)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--code-shift", type=int, default=1)
+    p.add_argument("--latency-repeats", type=int, default=10)
+    p.add_argument("--out", default="outputs/experiment_grid")
+    args = p.parse_args(argv)
+    # what gr.experiment.prepare reads
+    args.demos, args.arms, args.reuse_scratch = [args.demos], ["pretrained"], None
+    return args
+
+
+def cells(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [dict(zip(AXES, c)) for c in itertools.product(args.heads, args.adapt, args.cotrain, args.augment)]
+
+
+def cell_name(cell: dict[str, str]) -> str:
+    return "-".join([cell["head"], cell["adapt"], f"cotrain_{cell['cotrain']}", f"aug_{cell['augment']}"])
+
+
+def cell_config(args: argparse.Namespace, spec: dict, data: dict, cell: dict[str, str], seed: int, root: str) -> dict:
+    """The pretrained arm's config of `gr experiment`, with the cell's head, adaptation, co-training and augmentation."""
+    cfg = arm_config(args, spec, data, "pretrained", seed, root)
+    init = cfg["model"]["init_args"]
+    robot = init["model"].setdefault("robot", {})
+    robot["head"] = {**(robot.get("head") or {}), "kind": cell["head"]}
+    if cell["adapt"] == "lora":
+        init["lora"] = {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank}
+    if cell["augment"] == "on":
+        init["augment"] = {"code_shift": args.code_shift}
+    if cell["cotrain"] == "on":
+        cfg["data"]["init_args"]["cotrain"] = {"shards": args.cotrain_shards, "weight": args.cotrain_weight,
+                                               "shard_format": "tokens"}
+    return cfg
+
+
+def action_latency(checkpoint: str, repeats: int) -> dict[str, Any]:
+    """Median GRPolicy.act time (ms) on the trained checkpoint, batch 1, after the history is full."""
+    import numpy as np
+
+    from gr.policy import GRPolicy
+
+    policy = GRPolicy.from_checkpoint(checkpoint)
+    rng = np.random.default_rng(0)
+    size = policy.clip.image_size
+    obs = {"images": {v: rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for v in policy.robot.view_names},
+           "state": np.zeros(policy.robot.state_dim, np.float32), "instruction": "press the button"}
+    for _ in range(3):
+        policy.act(obs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        policy.act(obs)
+        times.append((time.perf_counter() - t0) * 1000)
+    module = policy.module
+    return {"act_ms": round(statistics.median(times), 2),
+            "trainable_params": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
+            "head_params": sum(p.numel() for p in module.model.action_head.parameters())}
+
+
+def run_cell(args, spec, data, cell, seed) -> dict[str, Any]:
+    import shutil
+
+    root = os.path.abspath(os.path.join(args.out, "cells", f"{cell_name(cell)}_s{seed}"))
+    if os.path.isdir(root):  # left by a killed run
+        shutil.rmtree(root)
+    train = train_arm(cell_config(args, spec, data[args.demos[0]], cell, seed, root), root)
+    result = eval_arm(train["checkpoint"], args.tasks + args.eval_only_tasks, args, root)
+    return {**cell, "seed": seed, "root": root, **train, **result,
+            **action_latency(train["checkpoint"], args.latency_repeats)}
+
+
+def summarize(runs: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for cell in cells(args):
+        done = [r for r in runs.values() if all(r[a] == cell[a] for a in AXES)]
+        if not done:
+            continue
+        per_task = {t: [ep["success"] for r in done for ep in r["episodes"][t]] for t in args.tasks}
+        k, n = sum(sum(v) for v in per_task.values()), sum(len(v) for v in per_task.values())
+        lo, hi = wilson(k, n)
+        out[cell_name(cell)] = {**cell, "seeds": sorted(r["seed"] for r in done), "successes": k, "episodes": n,
+                                "success": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)],
+                                "per_task": {t: round(sum(v) / len(v), 4) for t, v in per_task.items() if v},
+                                "zero_shot": {t: statistics.mean(r["success"][t] for r in done)
+                                              for t in args.eval_only_tasks},
+                                "act_ms": statistics.median(r["act_ms"] for r in done),
+                                "train_seconds": round(statistics.mean(r["train_seconds"] for r in done), 1),
+                                "trainable_params": done[0]["trainable_params"]}
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    rows = ["| head | adapt | co-training | augment | success (95% CI) | act ms | train s | trainable |",
+            "|---|---|---|---|---|---|---|---|"]
+    for s in summary.values():
+        rows.append(f"| {s['head']} | {s['adapt']} | {s['cotrain']} | {s['augment']} | "
+                    f"{100 * s['success']:.0f}% [{100 * s['ci95'][0]:.0f}, {100 * s['ci95'][1]:.0f}] "
+                    f"({s['successes']}/{s['episodes']}) | {s['act_ms']:.1f} | {s['train_seconds']:.0f} | "
+                    f"{s['trainable_params']:,} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    t0 = time.time()
+    try:
+        if "on" in args.cotrain and not args.cotrain_shards:
+            raise InputError("--cotrain-shards: co-training cells need pre-tokenized text-video shards")
+        if not 0.0 <= args.cotrain_weight < 1.0:
+            raise InputError(f"--cotrain-weight: must be in [0, 1), got {args.cotrain_weight}")
+        for field, v in (("--lora-rank", args.lora_rank), ("--code-shift", args.code_shift),
+                         ("--latency-repeats", args.latency_repeats)):
+            if v < 1:
+                raise InputError(f"{field}: must be >= 1, got {v}")
+        base, spec, data = prepare(args, argv)
+    except InputError as exc:
+        print(f"gr experiment-grid: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    path = os.path.join(args.out, "grid.json")
+    results = json.load(open(path)) if os.path.isfile(path) else {"runs": {}, "wall_seconds": 0.0}
+    if results.get("options"):  # a restart (or more cells) must keep what the runs mean
+        for key in (*DESIGN_KEYS, "demos", "lora_rank", "code_shift", "cotrain_shards", "cotrain_weight"):
+            if not same_design(results["options"], base["options"], key):
+                print(f"gr experiment-grid: error: --out: {path} holds runs made with another {key}; use another "
+                      "--out or the same options", file=sys.stderr)
+                raise SystemExit(2)
+    results.update({k: base[k] for k in ("command", "git", "options", "data", "pretrained", "eval",
+                                         "pretrain_includes_target_tasks") if k in base})
+    results["grid"] = {"axes": {a: getattr(args, {"head": "heads"}.get(a, a)) for a in AXES},
+                       "lora_rank": args.lora_rank, "code_shift": args.code_shift,
+                       "cotrain": {"shards": args.cotrain_shards, "weight": args.cotrain_weight}}
+    wall_before = results["wall_seconds"]
+    plan = [(c, s) for s in args.seeds for c in cells(args)]
+    todo = [(c, s) for c, s in plan if f"{cell_name(c)}_s{s}" not in results["runs"]]
+    with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="cells", unit="cell") as bar:
+        for cell, seed in todo:
+            bar.set_postfix(cell=cell_name(cell), seed=seed)
+            results["runs"][f"{cell_name(cell)}_s{seed}"] = run_cell(args, spec, data, cell, seed)
+            results["summary"] = summarize(results["runs"], args)
+            results["wall_seconds"] = round(wall_before + time.time() - t0, 1)
+            save_json(path, results)
+            bar.update(1)
+    results["summary"] = summarize(results["runs"], args)
+    results["wall_seconds"] = round(wall_before + time.time() - t0, 1)
+    save_json(path, results)
+    with open(os.path.join(args.out, "grid.md"), "w") as f:
+        f.write(table(results["summary"]))
+    return results
+
+
+if __name__ == "__main__":
+    main()
