@@ -9,7 +9,7 @@ STAMP := $(VENV)/.gr-installed
 APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libosmesa6 libglfw3 chromium
 PYTEST_ARGS ?=
 
-.PHONY: all install apt demo experiment experiment-ood experiment-synthetic test clean-venv
+.PHONY: all install apt demo experiment experiment-ood experiment-synthetic experiment-long test clean-venv
 
 all: test
 
@@ -68,6 +68,16 @@ experiment-synthetic: install
 	  --video-tasks none
 	$(BIN)/python -m gr.experiment --out outputs/experiment_synthetic \
 	  --pretrained outputs/demo_synthetic/pretrain/checkpoints/last.ckpt --pretrain-includes-target-tasks no \
+	  --robot-data outputs/experiment/data/tokens --reuse-scratch outputs/experiment
+
+# Lever: a longer pretraining on more robot-scene video. The same tokenizer, 3000 pretraining steps instead of 400,
+# on 3x the robot-scene video (the same 16 tasks x 12 episodes instead of 4); pretrained arms at 5 demos per task
+# against the scratch arms of `make experiment` (run it first; --reuse-scratch checks they are the same runs).
+experiment-long: install
+	$(BIN)/python -m gr.demo --out outputs/demo_long --skip-robot --tokenizer outputs/demo/tokenizer/export \
+	  --video-episodes 12 --max-steps 3000
+	$(BIN)/python -m gr.experiment --out outputs/experiment_long \
+	  --pretrained outputs/demo_long/pretrain/checkpoints/last.ckpt --pretrain-includes-target-tasks yes --demos 5 \
 	  --robot-data outputs/experiment/data/tokens --reuse-scratch outputs/experiment
 
 clean-venv:
