@@ -70,10 +70,14 @@ experiment-synthetic: install
 	  --pretrained outputs/demo_synthetic/pretrain/checkpoints/last.ckpt --pretrain-includes-target-tasks no \
 	  --robot-data outputs/experiment/data/tokens --reuse-scratch outputs/experiment
 
-# Lever: a longer pretraining on more robot-scene video. The same tokenizer, 3000 pretraining steps instead of 400,
-# on 3x the robot-scene video (the same 16 tasks x 12 episodes instead of 4); pretrained arms at 5 demos per task
-# against the scratch arms of `make experiment` (run it first; --reuse-scratch checks they are the same runs).
+# The committed result that meets the +10-point target (bench/results/experiment_long-cpu2.json), after `make demo`:
+# the scratch arms at 5 demos per task from make demo's checkpoint (skipped when `make experiment` made them), then a
+# longer pretraining on more robot-scene video with make demo's tokenizer (3000 steps instead of 400, the same 16 tasks
+# x 12 episodes instead of 4), and its pretrained arms against those scratch arms (--reuse-scratch checks they are the
+# same runs). About 50 min on 2 free cores (scratch arms 19 min, pretraining 14 min, pretrained arms 17 min).
 experiment-long: install
+	$(BIN)/python -m gr.experiment --out outputs/experiment --pretrained $(PRETRAINED) \
+	  --pretrain-includes-target-tasks yes --demos 5 --arms scratch
 	$(BIN)/python -m gr.demo --out outputs/demo_long --skip-robot --tokenizer outputs/demo/tokenizer/export \
 	  --video-episodes 12 --max-steps 3000
 	$(BIN)/python -m gr.experiment --out outputs/experiment_long \
