@@ -252,3 +252,21 @@ def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path):
     steps = grid_args.index("--steps") + 1
     with pytest.raises(SystemExit):  # more cells in the same folder must keep the budget the runs had
         gr_main(["experiment-grid", *grid_args[:steps], "3", *grid_args[steps + 1:], "--heads", "cvae"])
+
+
+def test_reeval_on_fresh_layouts(finished, tmp_path):
+    """bench/experiment_reeval.py: the same arms on another evaluation seed's layouts, summarized like the experiment."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import experiment_reeval
+
+    out, results = finished
+    with pytest.raises(SystemExit, match="--seed: 0 is the experiment's own"):
+        experiment_reeval.main([str(out / "experiment.json"), "--seed", "0", "--out", str(tmp_path / "x.json")])
+    got = experiment_reeval.main([str(out / "experiment.json"), "--seed", "3", "--workers", "1",
+                                  "--out", str(tmp_path / "reeval.json")])
+    assert sorted(got["arms"]) == sorted(results["arms"])
+    theirs = {e["seed"] for run in results["arms"].values() for e in run["episodes"][TASK]}
+    ours = {e["seed"] for run in got["arms"].values() for e in run["episodes"][TASK]}
+    assert ours.isdisjoint(theirs)  # fresh layouts
+    assert set(got["summary"]["pretrained_minus_scratch"]) == set(results["summary"]["pretrained_minus_scratch"])
+    assert json.load(open(tmp_path / "reeval.json"))["eval_seed"] == 3
