@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.gr-installed
 # MuJoCo's offscreen rendering libraries, and chromium for gr report's headless-browser test.
 APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libosmesa6 libglfw3 chromium
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: all install apt demo experiment experiment-ood experiment-synthetic experiment-long test clean-venv
 
