@@ -13,7 +13,8 @@ from gr.model.lora import LoRALinear, merge_lora
 from gr.policy import GRPolicy
 from gr.training.finetune import FinetuneModule
 from gr.training.pretrain import PretrainModule
-from tests.conftest import TINY_ROBOT_MODEL, TINY_TOKENIZER, module_init_args
+from tests.conftest import TINY_ROBOT_MODEL, module_init_args
+from tests.test_pretokenized import tiny_vqgan  # noqa: F401 - a fixture, used by name
 
 STATS = {"state": {"mean": [0.0] * 4, "std": [0.2] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
          "action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0] * 4, "max": [1.0] * 4}}
@@ -21,16 +22,10 @@ LORA = {"rank": 2, "alpha": 4.0}
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tiny_vqgan, tmp_path_factory):  # noqa: F811
     """A pretraining checkpoint whose VQGAN is a real taming file (so the merged export can bundle it)."""
-    from gr.config import ImageTokenizerConfig
-    from gr.encoders.vqgan import VQGAN, ddconfig_from, save_taming_vqgan
-
     root = tmp_path_factory.mktemp("lora")
-    torch.manual_seed(3)
-    vq = VQGAN(ddconfig_from(ImageTokenizerConfig(**TINY_TOKENIZER)), 64, 32)
-    save_taming_vqgan(vq, str(root / "vqgan.ckpt"), str(root / "vqgan.yaml"))
-    tok = {"checkpoint": str(root / "vqgan.ckpt"), "yaml": str(root / "vqgan.yaml"), "codebook_size": 64}
+    tok = {"checkpoint": tiny_vqgan[0], "yaml": tiny_vqgan[1], "codebook_size": 64}
     torch.manual_seed(0)
     pre = PretrainModule(**module_init_args(image_tokenizer=tok))
     path = root / "base.ckpt"

@@ -101,6 +101,17 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return chosen
 
 
+def train_only_adapters(model: nn.Module, cfg: LoRAConfig, always: tuple[str, ...] = ()) -> None:
+    """Freeze every parameter but the adapters, the `always` name prefixes (new parts) and `cfg.trainable`."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in cfg.trainable:
+        if not any(n.startswith(prefix) for n in names):
+            raise ConfigError(f"lora.trainable: prefix {prefix!r} matches no parameter of the model")
+    keep = (*always, *cfg.trainable)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.rpartition(".")[2] in ("lora_A", "lora_B") or n.startswith(keep))
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its weight and restore plain nn.Linear layers; returns how many were merged."""

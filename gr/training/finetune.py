@@ -19,7 +19,7 @@ import torch
 
 from gr.config import ConfigError, FinetuneLossConfig, RobotConfig, as_config
 from gr.export import FROZEN_PREFIXES, is_export, read_training_checkpoint, stats_from_buffers
-from gr.model.lora import LoRAConfig, apply_lora
+from gr.model.lora import LoRAConfig, apply_lora, train_only_adapters
 from gr.model.video_mode import video_frame_logits
 from gr.training.augment import AugmentConfig, shift_window
 from gr.training.pretrain import PretrainModule, frame_cross_entropy
@@ -90,7 +90,7 @@ class FinetuneModule(PretrainModule):
         self.lora_base_keys: set[str] = set()  # frozen base weights: not written to checkpoints in LoRA runs
         if self.lora_cfg is not None:
             self.lora_targets = apply_lora(self.model, self.lora_cfg)
-            self._train_only_adapters(self.lora_cfg)
+            train_only_adapters(self.model, self.lora_cfg, ROBOT_ONLY_PREFIXES)
         self._freeze(freeze or [])
         if self.lora_cfg is not None:
             loaded = set(self.init_report.get("loaded", []))
@@ -150,16 +150,7 @@ class FinetuneModule(PretrainModule):
                        + (f": {dropped[:5]}" if dropped else ""))
         return report
 
-    # ---- LoRA: adapters over a frozen base ----
-    def _train_only_adapters(self, cfg: LoRAConfig) -> None:
-        names = [n for n, _ in self.model.named_parameters()]
-        for prefix in cfg.trainable:
-            if not any(n.startswith(prefix) for n in names):
-                raise ConfigError(f"lora.trainable: prefix {prefix!r} matches no parameter of the model")
-        keep = (*ROBOT_ONLY_PREFIXES, *cfg.trainable)
-        for n, p in self.model.named_parameters():
-            p.requires_grad_(n.rpartition(".")[2] in ("lora_A", "lora_B") or n.startswith(keep))
-
+    # ---- LoRA: checkpoints without the frozen base ----
     def state_dict(self, *args, **kwargs):
         """In LoRA runs, without the frozen base weights (rebuilt from `lora_base`)."""
         sd = super().state_dict(*args, **kwargs)
