@@ -126,12 +126,19 @@ def run_cell(args, spec, data, cell, seed) -> dict[str, Any]:
             **action_latency(train["checkpoint"], args.latency_repeats)}
 
 
+def run_cells(runs: dict[str, dict]) -> list[dict[str, str]]:
+    """Every cell that has a finished run, in axis order (head kinds as listed, then full < lora, off < on): the
+    summary covers all of them, also those an earlier invocation with other --heads/--adapt/... values wrote to the
+    same --out."""
+    order = {"head": list(HEAD_KINDS), "adapt": ["full", "lora"], "cotrain": ["off", "on"], "augment": ["off", "on"]}
+    found = {tuple(r[a] for a in AXES) for r in runs.values()}
+    return [dict(zip(AXES, c)) for c in sorted(found, key=lambda c: [order[a].index(v) for a, v in zip(AXES, c)])]
+
+
 def summarize(runs: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]:
     out = {}
-    for cell in cells(args):
+    for cell in run_cells(runs):
         done = [r for r in runs.values() if all(r[a] == cell[a] for a in AXES)]
-        if not done:
-            continue
         per_task = {t: [ep["success"] for r in done for ep in r["episodes"][t]] for t in args.tasks}
         k, n = sum(sum(v) for v in per_task.values()), sum(len(v) for v in per_task.values())
         lo, hi = wilson(k, n)

@@ -254,6 +254,29 @@ def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path):
         gr_main(["experiment-grid", *grid_args[:steps], "3", *grid_args[steps + 1:], "--heads", "cvae"])
 
 
+def test_grid_summary_covers_runs_of_earlier_invocations():
+    """Cells that an earlier invocation (other --heads/--adapt values) wrote to the same --out stay in the summary and
+    the table, in axis order, each with its own episodes."""
+    from types import SimpleNamespace
+
+    from gr.experiment_grid import summarize, table
+
+    def run(head, adapt, successes):
+        return {"head": head, "adapt": adapt, "cotrain": "off", "augment": "off", "seed": 0,
+                "episodes": {TASK: [{"success": s} for s in successes]}, "success": {ZERO_SHOT: 0.0},
+                "act_ms": 2.0, "train_seconds": 10.0, "trainable_params": 5}
+
+    runs = {"flow-lora": run("flow", "lora", [1, 1, 0, 0]), "cvae-full": run("cvae", "full", [1, 0, 0, 0]),
+            "tokens-full": run("tokens", "full", [1, 1, 1, 0])}
+    args = SimpleNamespace(heads=["tokens"], adapt=["full"], cotrain=["off"], augment=["off"], tasks=[TASK],
+                           eval_only_tasks=[ZERO_SHOT])  # the latest invocation asked for one cell only
+    summary = summarize(runs, args)
+    assert list(summary) == ["cvae-full-cotrain_off-aug_off", "flow-lora-cotrain_off-aug_off",
+                             "tokens-full-cotrain_off-aug_off"]
+    assert [s["successes"] for s in summary.values()] == [1, 2, 3]
+    assert table(summary).count("\n") == 2 + 3
+
+
 def test_reeval_on_fresh_layouts(finished, tmp_path):
     """bench/experiment_reeval.py: the same arms on another evaluation seed's layouts, summarized like the experiment."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
