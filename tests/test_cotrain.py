@@ -3,6 +3,7 @@
 import math
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -86,3 +87,45 @@ def test_video_batches_train_only_the_frame_loss(robot_shards, synthetic_shards)
     assert all(g is None for n, g in grads.items() if n.startswith(("action_head.", "state_proj.", "readout_emb.")))
     module.zero_grad()
     assert torch.isfinite(module.training_step(robot, 1))  # robot batches: the usual losses
+
+
+class _Batches(pl.Callback):
+    """What each training step got: its kind and sample keys."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(("video" if "caption" in batch else "robot", tuple(batch["key"])))
+
+
+def _fit(robot_shards, synthetic_shards, root, max_steps, ckpt_path=None, every=None):
+    torch.manual_seed(0)
+    module = FinetuneModule(**module_init_args(model=TINY_ROBOT_MODEL))
+    dm = RobotDataModule(train_shards=robot_shards["train_shards"], batch_size=2, num_workers=0, shuffle_buffer=4,
+                         cotrain={"shards": synthetic_shards["train_shards"], "weight": 0.4, "shard_format": "video",
+                                  "fps": 8.0})
+    seen = _Batches()
+    cbs = [seen] + ([pl.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1,
+                                                  filename="s{step}", auto_insert_metric_name=False)] if every else [])
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=cbs, limit_val_batches=0, enable_checkpointing=bool(every),
+                         default_root_dir=str(root))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return seen.seen, trainer
+
+
+def test_lightning_resume_continues_the_mixed_sequence(robot_shards, synthetic_shards, tmp_path):
+    """A finetune stopped mid-epoch at step 4 and resumed from its checkpoint trains on the same mixed batches, in
+    the same order, as the uninterrupted run (the CotrainLoader's state rides in Lightning's checkpoint)."""
+    full, _ = _fit(robot_shards, synthetic_shards, tmp_path / "full", 9)
+    kinds = [k for k, _ in full]
+    assert kinds == ["video" if is_video_step(0, k, 0.4) else "robot" for k in range(9)]
+    assert "video" in kinds[4:] and "robot" in kinds[4:]
+    first, _ = _fit(robot_shards, synthetic_shards, tmp_path / "a", 4, every=4)
+    assert first == full[:4]
+    ckpt = tmp_path / "a" / "s4.ckpt"
+    resumed, trainer = _fit(robot_shards, synthetic_shards, tmp_path / "b", 9, ckpt_path=str(ckpt))
+    assert resumed == full[4:]
+    assert trainer.datamodule.train_dataloader().counts == {"robot": kinds.count("robot"),
+                                                            "video": kinds.count("video")}
