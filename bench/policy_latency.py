@@ -148,6 +148,10 @@ def per_head(args, obs: dict) -> list[dict]:
         rows.append({"head": head["kind"], "num_steps": head.get("num_steps"),
                      "act_ms": round(_timed(lambda: policy.act(obs), args.repeats), 3), "head_ms": round(head_ms, 3),
                      "head_parameters": sum(p.numel() for p in module.model.action_head.parameters())})
+        if head["kind"] == "tokens":  # the key/value cache against the reference decoder, same readouts
+            with torch.no_grad():
+                ref_ms = _timed(lambda: module.model.action_head._greedy_recompute(readouts), args.repeats)
+            rows[-1].update(head_ms_recompute=round(ref_ms, 3), cache_speedup=round(ref_ms / head_ms, 2))
     base = next((r for r in rows if r["head"] == "cvae"), None)
     for r in rows:
         if base is not None:

@@ -117,8 +117,10 @@ def test_serve_latency_benchmark_measures_both_paths():
 def test_policy_latency_reports_every_head_and_step_count():
     import policy_latency
 
-    result = policy_latency.main(["--repeats", "1", "--heads", "cvae", "flow", "--steps", "1", "3"])
+    result = policy_latency.main(["--repeats", "1", "--heads", "cvae", "flow", "tokens", "--steps", "1", "3"])
     rows = [(r["head"], r["num_steps"]) for r in result["per_head"]]
-    assert rows == [("cvae", None), ("flow", 1), ("flow", 3)]
+    assert rows == [("cvae", None), ("flow", 1), ("flow", 3), ("tokens", None)]
     assert all(r["act_ms"] > 0 and r["head_ms"] > 0 and r["head_parameters"] > 0 for r in result["per_head"])
     assert result["per_head"][0]["act_vs_cvae"] == 1.0
+    tokens = result["per_head"][-1]  # the cached decoder is timed against the reference one, same readouts
+    assert tokens["head_ms_recompute"] > 0 and tokens["cache_speedup"] > 0

@@ -152,6 +152,23 @@ def test_tokens_constrained_decoding_never_emits_a_non_action_token():
     assert set(tokens[..., 3].unique().tolist()) <= {0, h.num_bins - 1}
 
 
+def test_tokens_cached_decoding_equals_recomputation():
+    """The key/value-cached greedy decoder (eval mode) emits the reference decoder's tokens, chunk for chunk."""
+    h = _head("tokens", num_bins=256).eval()
+    with torch.no_grad():  # sharper than the init's near-uniform logits, so the tokens differ across positions
+        for p in h.parameters():
+            p.mul_(4.0)
+    readouts = torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, cached = h._greedy_recompute(readouts), h._greedy_cached(readouts)
+    assert ref.shape == (5, h.seq_len) and ref.unique().numel() > 10
+    assert torch.equal(cached, ref)
+    h._greedy_recompute = None  # eval-mode predict goes through the cache
+    arm, _ = h.predict(readouts)
+    assert torch.equal(h.tokenize(torch.cat([arm, torch.zeros_like(arm[..., :1])], -1))[..., :3],
+                       ref.reshape(5, 4, 4)[..., :3])
+
+
 def test_tokens_without_statistics_fail_with_a_clear_error():
     h = build_action_head(RobotConfig(**robot_cfg("tokens")), 16)
     with pytest.raises(ValueError, match="no action statistics"):
