@@ -193,6 +193,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 raise SystemExit(2)
     results.update({k: base[k] for k in ("command", "git", "options", "data", "pretrained", "eval",
                                          "pretrain_includes_target_tasks") if k in base})
+    # every invocation that added cells to this --out, with the cells it asked for (the runs say which one made them)
+    results.setdefault("sessions", []).append({**base["sessions"][-1], "cells": [cell_name(c) for c in cells(args)]})
     results["grid"] = {"axes": {a: getattr(args, {"head": "heads"}.get(a, a)) for a in AXES},
                        "lora_rank": args.lora_rank, "code_shift": args.code_shift,
                        "cotrain": {"shards": args.cotrain_shards, "weight": args.cotrain_weight}}
@@ -202,7 +204,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="cells", unit="cell") as bar:
         for cell, seed in todo:
             bar.set_postfix(cell=cell_name(cell), seed=seed)
-            results["runs"][f"{cell_name(cell)}_s{seed}"] = run_cell(args, spec, data, cell, seed)
+            results["runs"][f"{cell_name(cell)}_s{seed}"] = {**run_cell(args, spec, data, cell, seed),
+                                                             "session": len(results["sessions"]) - 1}
             results["summary"] = summarize(results["runs"], args)
             results["wall_seconds"] = round(wall_before + time.time() - t0, 1)
             save_json(path, results)

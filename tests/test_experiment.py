@@ -239,6 +239,9 @@ def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path):
     lora = grid["runs"]["tokens-lora-cotrain_off-aug_on_s0"]
     full = grid["runs"]["tokens-full-cotrain_off-aug_on_s0"]
     assert lora["trainable_params"] < full["trainable_params"]
+    assert grid["sessions"][0]["cells"] == ["tokens-full-cotrain_off-aug_on", "tokens-lora-cotrain_off-aug_on"]
+    assert grid["sessions"][0]["arguments"][-7:] == ["--heads", "tokens", "--adapt", "full", "lora", "--augment", "on"]
+    assert lora["session"] == full["session"] == 0
     hp = torch.load(lora["checkpoint"], weights_only=False)["hyper_parameters"]
     assert hp["model"]["robot"]["head"]["kind"] == "tokens" and hp["lora"]["rank"] == 8
     assert hp["augment"]["code_shift"] == 1
