@@ -5,7 +5,7 @@ loop on the same seeded layouts as `gr experiment` (gr/experiment.py supplies th
 Per cell it reports closed-loop success (per task, and the mean with a Wilson 95% interval over every episode of
 every seed), the action latency of `GRPolicy.act` on the trained checkpoint (median ms, batch 1, this machine),
 training time and trainable parameters. `<out>/grid.json` is written after every run (a restart skips finished
-runs); `<out>/grid.md` holds the table.
+runs); `<out>/grid.md` holds the table and `<out>/grid.png` the plot.
 
     gr experiment-grid --pretrained outputs/demo/pretrain/checkpoints/last.ckpt --pretrain-includes-target-tasks yes \\
         --heads cvae flow diffusion tokens --adapt full lora --cotrain off on --augment off on \\
@@ -164,6 +164,31 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def plot(summary: dict[str, Any], path: str) -> None:
+    """One row per cell: success with its Wilson interval, the cell's act latency written beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)[::-1]  # the first cell on top
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.34 * len(names)))
+    for y, name in enumerate(names):
+        s = summary[name]
+        err = [[max(0.0, s["success"] - s["ci95"][0])], [max(0.0, s["ci95"][1] - s["success"])]]
+        ax.errorbar([s["success"]], [y], xerr=err, marker="o", capsize=3,
+                    color={"cvae": "C0", "flow": "C1", "diffusion": "C2", "tokens": "C3"}[s["head"]])
+        ax.annotate(f"{s['successes']}/{s['episodes']}, {s['act_ms']:.0f} ms", (1.02, y), fontsize=7, va="center",
+                    annotation_clip=False)
+    ax.set_yticks(range(len(names)), [n.replace("-cotrain_", " cotrain:").replace("-aug_", " aug:")
+                                      .replace("-", " ") for n in names], fontsize=7)
+    ax.set_xlim(-0.02, 1.0)
+    ax.set_xlabel("closed-loop success (95% Wilson interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -215,6 +240,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     save_json(path, results)
     with open(os.path.join(args.out, "grid.md"), "w") as f:
         f.write(table(results["summary"]))
+    plot(results["summary"], os.path.join(args.out, "grid.png"))
     return results
 
 

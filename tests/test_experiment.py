@@ -250,6 +250,7 @@ def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path):
     s = grid["summary"]["tokens-lora-cotrain_off-aug_on"]
     assert s["episodes"] == 1 and 0 <= s["ci95"][0] <= s["success"] <= s["ci95"][1] <= 1
     assert "| tokens | lora | off | on |" in (out / "grid.md").read_text()
+    assert (out / "grid.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         gr_main(["experiment-grid", *grid_args, "--cotrain", "on"])  # no --cotrain-shards
     steps = grid_args.index("--steps") + 1
@@ -257,12 +258,12 @@ def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path):
         gr_main(["experiment-grid", *grid_args[:steps], "3", *grid_args[steps + 1:], "--heads", "cvae"])
 
 
-def test_grid_summary_covers_runs_of_earlier_invocations():
+def test_grid_summary_covers_runs_of_earlier_invocations(tmp_path):
     """Cells that an earlier invocation (other --heads/--adapt values) wrote to the same --out stay in the summary and
     the table, in axis order, each with its own episodes."""
     from types import SimpleNamespace
 
-    from gr.experiment_grid import summarize, table
+    from gr.experiment_grid import plot, summarize, table
 
     def run(head, adapt, successes):
         return {"head": head, "adapt": adapt, "cotrain": "off", "augment": "off", "seed": 0,
@@ -278,6 +279,8 @@ def test_grid_summary_covers_runs_of_earlier_invocations():
                              "tokens-full-cotrain_off-aug_off"]
     assert [s["successes"] for s in summary.values()] == [1, 2, 3]
     assert table(summary).count("\n") == 2 + 3
+    plot(summary, str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").stat().st_size > 1000
 
 
 def test_reeval_on_fresh_layouts(finished, tmp_path):
