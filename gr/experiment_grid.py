@@ -28,8 +28,8 @@ import time
 from typing import Any, Optional
 
 from gr.config import HEAD_KINDS
-from gr.experiment import (DESIGN_KEYS, EVAL_ONLY_TASKS, FINETUNE_TASKS, InputError, arm_config, eval_arm, prepare,
-                           same_design, save_json, train_arm, wilson)
+from gr.experiment import (DESIGN_KEYS, EVAL_ONLY_TASKS, FINETUNE_TASKS, InputError, arm_config, eval_arm, newcombe,
+                           prepare, same_design, save_json, train_arm, wilson)
 
 AXES = ("head", "adapt", "cotrain", "augment")
 
@@ -150,16 +150,51 @@ def summarize(runs: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]
                                 "act_ms": statistics.median(r["act_ms"] for r in done),
                                 "train_seconds": round(statistics.mean(r["train_seconds"] for r in done), 1),
                                 "trainable_params": done[0]["trainable_params"]}
+    add_reference(out, runs, args.tasks)
     return out
 
 
+REFERENCE = "cvae-full-cotrain_off-aug_off"  # today's recipe: every other cell changes one or more axes from it
+
+
+def add_reference(summary: dict[str, Any], runs: dict[str, dict], tasks: list[str]) -> None:
+    """Each cell against the reference cell on the same layouts (every cell is evaluated on the same seeded
+    episodes): the difference with Newcombe's interval and the paired counts (episodes only this cell solved, only the
+    reference solved), over the seeds both have."""
+    if REFERENCE not in summary:
+        return
+
+    def outcomes(name: str, seeds: list[int]) -> list[bool]:
+        cell = summary[name]
+        by_seed = {r["seed"]: r for r in runs.values() if all(r[a] == cell[a] for a in AXES)}
+        return [bool(ep["success"]) for s in seeds for t in tasks for ep in by_seed[s]["episodes"][t]]
+
+    for name, cell in summary.items():
+        if name == REFERENCE:
+            continue
+        seeds = sorted(set(cell["seeds"]) & set(summary[REFERENCE]["seeds"]))
+        if not seeds:
+            continue
+        mine, ref = outcomes(name, seeds), outcomes(REFERENCE, seeds)
+        k1, k2, n = sum(mine), sum(ref), len(mine)
+        lo, hi = newcombe(k1, n, k2, n)
+        cell["vs_reference"] = {"reference": REFERENCE, "seeds": seeds, "difference": round((k1 - k2) / n, 4),
+                                "ci95": [round(lo, 4), round(hi, 4)],
+                                "only_this": sum(a and not b for a, b in zip(mine, ref)),
+                                "only_reference": sum(b and not a for a, b in zip(mine, ref))}
+
+
 def table(summary: dict[str, Any]) -> str:
-    rows = ["| head | adapt | co-training | augment | success (95% CI) | act ms | train s | trainable |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| head | adapt | co-training | augment | success (95% CI) | vs cvae/full (95% CI; only this / only "
+            "cvae) | act ms | train s | trainable |", "|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
+        ref, vs = s.get("vs_reference"), "reference" if cell_name(s) == REFERENCE else ""
+        if ref:
+            vs = (f"{100 * ref['difference']:+.0f} [{100 * ref['ci95'][0]:+.0f}, {100 * ref['ci95'][1]:+.0f}]; "
+                  f"{ref['only_this']} / {ref['only_reference']}")
         rows.append(f"| {s['head']} | {s['adapt']} | {s['cotrain']} | {s['augment']} | "
                     f"{100 * s['success']:.0f}% [{100 * s['ci95'][0]:.0f}, {100 * s['ci95'][1]:.0f}] "
-                    f"({s['successes']}/{s['episodes']}) | {s['act_ms']:.1f} | {s['train_seconds']:.0f} | "
+                    f"({s['successes']}/{s['episodes']}) | {vs} | {s['act_ms']:.1f} | {s['train_seconds']:.0f} | "
                     f"{s['trainable_params']:,} |")
     return "\n".join(rows) + "\n"
 

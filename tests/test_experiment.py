@@ -278,6 +278,12 @@ def test_grid_summary_covers_runs_of_earlier_invocations(tmp_path):
     assert list(summary) == ["cvae-full-cotrain_off-aug_off", "flow-lora-cotrain_off-aug_off",
                              "tokens-full-cotrain_off-aug_off"]
     assert [s["successes"] for s in summary.values()] == [1, 2, 3]
+    # against the reference cell (cvae, full, off, off), episode by episode on the same layouts
+    assert "vs_reference" not in summary["cvae-full-cotrain_off-aug_off"]
+    flow = summary["flow-lora-cotrain_off-aug_off"]["vs_reference"]
+    assert (flow["difference"], flow["only_this"], flow["only_reference"]) == (0.25, 1, 0)
+    assert flow["ci95"][0] < 0.25 < flow["ci95"][1]
+    assert "| +50 [" in table(summary) and "; 2 / 0 |" in table(summary) and "| reference |" in table(summary)
     assert table(summary).count("\n") == 2 + 3
     plot(summary, str(tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 1000
