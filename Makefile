@@ -9,7 +9,7 @@ STAMP := $(VENV)/.gr-installed
 APT_PACKAGES := libegl1 libgl1 libegl-mesa0 libosmesa6 libglfw3 chromium
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: all install apt demo experiment experiment-ood experiment-synthetic experiment-long test clean-venv
+.PHONY: all install apt demo experiment experiment-ood experiment-synthetic experiment-long experiment-grid test clean-venv
 
 all: test
 
@@ -83,6 +83,22 @@ experiment-long: install
 	$(BIN)/python -m gr.experiment --out outputs/experiment_long \
 	  --pretrained outputs/demo_long/pretrain/checkpoints/last.ckpt --pretrain-includes-target-tasks yes --demos 5 \
 	  --robot-data outputs/experiment/data/tokens --reuse-scratch outputs/experiment
+
+# Action heads x {full, LoRA} x {co-training} x {augmentation} (gr/experiment_grid.py) from the 3000-step pretraining
+# of `make experiment-long` (its outputs/demo_long; `make demo` must have made the tokenizer first), in the order the
+# committed grid ran (bench/results/experiment_grid-cpu2.json): the four heads, then one axis at a time from the CVAE
+# cell, then LoRA and augmentation for the other heads. Each line adds cells to the same --out (finished cells are
+# skipped); about 9 min per cell on 2 free cores. Co-training mixes in the pretraining's robot-scene video tokens.
+GRID = $(BIN)/python -m gr.experiment_grid --pretrained outputs/demo_long/pretrain/checkpoints/last.ckpt \
+  --pretrain-includes-target-tasks yes --out outputs/experiment_grid \
+  --cotrain-shards "outputs/demo_long/data_video_robot_tokens/train-{000000..000011}.tar"
+experiment-grid: install
+	$(GRID) --heads cvae flow diffusion tokens --adapt full --cotrain off --augment off
+	$(GRID) --heads cvae --adapt lora --cotrain off --augment off
+	$(GRID) --heads cvae --adapt full --cotrain off --augment on
+	$(GRID) --heads cvae --adapt full --cotrain on --augment off
+	$(GRID) --heads flow diffusion tokens --adapt lora --cotrain off --augment off
+	$(GRID) --heads flow diffusion tokens --adapt full --cotrain off --augment on
 
 clean-venv:
 	rm -rf $(VENV)
