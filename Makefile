@@ -87,7 +87,7 @@ experiment-long: install
 # Action heads x {full, LoRA} x {co-training} x {augmentation} (gr/experiment_grid.py) from the 3000-step pretraining
 # of `make experiment-long` (its outputs/demo_long; `make demo` must have made the tokenizer first), in the order the
 # committed grid ran (bench/results/experiment_grid-cpu2.json): the four heads, then one axis at a time from the CVAE
-# cell, then LoRA and augmentation for the other heads. Each line adds cells to the same --out (finished cells are
+# cell, then LoRA and augmentation for the other heads (the committed grid stopped before the last line: time). Each line adds cells to the same --out (finished cells are
 # skipped); about 9 min per cell on 2 free cores. Co-training mixes in the pretraining's robot-scene video tokens.
 GRID = $(BIN)/python -m gr.experiment_grid --pretrained outputs/demo_long/pretrain/checkpoints/last.ckpt \
   --pretrain-includes-target-tasks yes --out outputs/experiment_grid \
