@@ -86,9 +86,10 @@ experiment-long: install
 
 # Action heads x {full, LoRA} x {co-training} x {augmentation} (gr/experiment_grid.py) from the 3000-step pretraining
 # of `make experiment-long` (its outputs/demo_long; `make demo` must have made the tokenizer first), in the order the
-# committed grid ran (bench/results/experiment_grid-cpu2.json): the four heads, then one axis at a time from the CVAE
-# cell, then LoRA and augmentation for the other heads (the committed grid stopped before the last line: time). Each line adds cells to the same --out (finished cells are
-# skipped); about 9 min per cell on 2 free cores. Co-training mixes in the pretraining's robot-scene video tokens.
+# committed grid ran (bench/results/experiment_grid-cpu2.json lists the cells it has): the four heads, one axis at a
+# time from the CVAE cell, then LoRA, augmentation and co-training for the other heads (16 cells). Each line adds cells
+# to the same --out (finished cells are skipped); about 9 min per cell on 2 free cores. Co-training mixes in the
+# pretraining's robot-scene video tokens.
 GRID = $(BIN)/python -m gr.experiment_grid --pretrained outputs/demo_long/pretrain/checkpoints/last.ckpt \
   --pretrain-includes-target-tasks yes --out outputs/experiment_grid \
   --cotrain-shards "outputs/demo_long/data_video_robot_tokens/train-{000000..000011}.tar"
@@ -99,6 +100,7 @@ experiment-grid: install
 	$(GRID) --heads cvae --adapt full --cotrain on --augment off
 	$(GRID) --heads flow diffusion tokens --adapt lora --cotrain off --augment off
 	$(GRID) --heads flow diffusion tokens --adapt full --cotrain off --augment on
+	$(GRID) --heads flow diffusion tokens --adapt full --cotrain on --augment off
 
 clean-venv:
 	rm -rf $(VENV)
