@@ -87,11 +87,12 @@ experiment-long: install
 # Action heads x {full, LoRA} x {co-training} x {augmentation} (gr/experiment_grid.py) from the 3000-step pretraining
 # of `make experiment-long` (its outputs/demo_long; `make demo` must have made the tokenizer first), in the order the
 # committed grid ran (bench/results/experiment_grid-cpu2.json lists the cells it has): the four heads, one axis at a
-# time from the CVAE cell, then LoRA, augmentation and co-training for the other heads (16 cells). Each line adds cells
-# to the same --out (finished cells are skipped); about 9 min per cell on 2 free cores. Co-training mixes in the
-# pretraining's robot-scene video tokens.
+# time from the CVAE cell, then LoRA, augmentation and co-training for the other heads (16 cells), then the CVAE's
+# cross terms (LoRA x co-training x augmentation, 4 more). Each line adds cells to the same --out (finished cells are
+# skipped, and cells lacking an evaluation seed get it from their checkpoint); about 9 min per cell on 2 free cores
+# plus 2.5 min for the second evaluation seed. Co-training mixes in the pretraining's robot-scene video tokens.
 GRID = $(BIN)/python -m gr.experiment_grid --pretrained outputs/demo_long/pretrain/checkpoints/last.ckpt \
-  --pretrain-includes-target-tasks yes --out outputs/experiment_grid \
+  --pretrain-includes-target-tasks yes --out outputs/experiment_grid --eval-seeds 0 1 \
   --cotrain-shards "outputs/demo_long/data_video_robot_tokens/train-{000000..000011}.tar"
 experiment-grid: install
 	$(GRID) --heads cvae flow diffusion tokens --adapt full --cotrain off --augment off
@@ -101,6 +102,7 @@ experiment-grid: install
 	$(GRID) --heads flow diffusion tokens --adapt lora --cotrain off --augment off
 	$(GRID) --heads flow diffusion tokens --adapt full --cotrain off --augment on
 	$(GRID) --heads flow diffusion tokens --adapt full --cotrain on --augment off
+	$(GRID) --heads cvae --adapt full lora --cotrain off on --augment off on
 
 clean-venv:
 	rm -rf $(VENV)

@@ -315,13 +315,16 @@ def train_arm(cfg: dict, root: str) -> dict:
             "transfer": {k: len(report.get(k, [])) for k in ("loaded", "new", "dropped")}}
 
 
-def eval_arm(checkpoint: str, tasks: list[str], args: argparse.Namespace, root: str) -> dict:
-    """Seeded closed-loop episodes on the same layouts for every arm."""
+def eval_arm(checkpoint: str, tasks: list[str], args: argparse.Namespace, root: str, seed: int = EVAL_SEED,
+             folder: str = "eval", video: bool = True) -> dict:
+    """Seeded closed-loop episodes on the same layouts for every arm (another `seed`: other layouts, the same for
+    every arm too)."""
     from gr.evaluate import evaluate
 
     t0 = time.time()
-    report = evaluate(checkpoint, tasks, episodes=args.eval_episodes, seed=EVAL_SEED, workers=args.workers,
-                      max_steps=args.eval_max_steps, out=os.path.join(root, "eval"), execute_steps=EVAL_EXECUTE_STEPS)
+    report = evaluate(checkpoint, tasks, episodes=args.eval_episodes, seed=seed, workers=args.workers,
+                      max_steps=args.eval_max_steps, out=os.path.join(root, folder), execute_steps=EVAL_EXECUTE_STEPS,
+                      video=video)
     return {"eval_seconds": round(time.time() - t0, 1),
             "success": {t: r["success_rate"] for t, r in report["tasks"].items()},
             "episodes": {t: r["episodes"] for t, r in report["tasks"].items()}}

@@ -3,7 +3,8 @@ each finetuned from the same pretrained checkpoint with the same step budget, da
 loop on the same seeded layouts as `gr experiment` (gr/experiment.py supplies the data, configs and evaluation).
 
 Per cell it reports closed-loop success (per task, and the mean with a Wilson 95% interval over every episode of
-every seed), the action latency of `GRPolicy.act` on the trained checkpoint (median ms, batch 1, this machine),
+every training seed and evaluation seed; `--eval-seeds 0 1` adds a second set of layouts, also to cells already in
+--out, from their checkpoints), the action latency of `GRPolicy.act` on the trained checkpoint (median ms, batch 1, this machine),
 training time and trainable parameters. `<out>/grid.json` is written after every run (a restart skips finished
 runs); `<out>/grid.md` holds the table and `<out>/grid.png` the plot.
 
@@ -28,8 +29,8 @@ import time
 from typing import Any, Optional
 
 from gr.config import HEAD_KINDS
-from gr.experiment import (DESIGN_KEYS, EVAL_ONLY_TASKS, FINETUNE_TASKS, InputError, arm_config, eval_arm, newcombe,
-                           prepare, same_design, save_json, train_arm, wilson)
+from gr.experiment import (DESIGN_KEYS, EVAL_ONLY_TASKS, EVAL_SEED, FINETUNE_TASKS, InputError, arm_config, eval_arm,
+                           newcombe, prepare, same_design, save_json, train_arm, wilson)
 
 AXES = ("head", "adapt", "cotrain", "augment")
 
@@ -47,6 +48,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--demos", type=int, default=5, help="training demos per task (one level)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--eval-seeds", nargs="+", type=int, default=[EVAL_SEED],
+                   help=f"evaluation seeds: each one is --eval-episodes layouts per task, the same for every cell; "
+                   f"{EVAL_SEED} (gr experiment's layouts) must be one. Cells already in --out are evaluated on the "
+                   "seeds they lack from their checkpoints, without retraining")
     p.add_argument("--eval-max-steps", type=int, default=200)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--robot-data", default=None)
@@ -114,6 +119,20 @@ def action_latency(checkpoint: str, repeats: int) -> dict[str, Any]:
             "head_params": sum(p.numel() for p in module.model.action_head.parameters())}
 
 
+def evals_of(run: dict) -> dict[int, dict]:
+    """A run's closed-loop results by evaluation seed: the first evaluation (gr experiment's layouts, EVAL_SEED) is
+    the run's own `success`/`episodes`, the others are in `extra_evals`."""
+    return {EVAL_SEED: {"success": run["success"], "episodes": run["episodes"]},
+            **{int(k): v for k, v in (run.get("extra_evals") or {}).items()}}
+
+
+def extra_eval(args, run: dict, eval_seed: int) -> dict[str, Any]:
+    """A finished run's checkpoint on another evaluation seed's layouts (no videos: the first evaluation has them)."""
+    result = eval_arm(run["checkpoint"], args.tasks + args.eval_only_tasks, args, run["root"], seed=eval_seed,
+                      folder=f"eval_seed{eval_seed}", video=False)
+    return {k: result[k] for k in ("success", "episodes", "eval_seconds")}
+
+
 def run_cell(args, spec, data, cell, seed) -> dict[str, Any]:
     import shutil
 
@@ -139,13 +158,21 @@ def summarize(runs: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]
     out = {}
     for cell in run_cells(runs):
         done = [r for r in runs.values() if all(r[a] == cell[a] for a in AXES)]
-        per_task = {t: [ep["success"] for r in done for ep in r["episodes"][t]] for t in args.tasks}
+        evals = [e for r in done for e in evals_of(r).values()]  # every training seed x evaluation seed
+        per_task = {t: [ep["success"] for e in evals for ep in e["episodes"][t]] for t in args.tasks}
         k, n = sum(sum(v) for v in per_task.values()), sum(len(v) for v in per_task.values())
         lo, hi = wilson(k, n)
+        by_eval = {}
+        for r in done:
+            for es, e in evals_of(r).items():
+                got = by_eval.setdefault(str(es), {"successes": 0, "episodes": 0})
+                got["successes"] += sum(ep["success"] for t in args.tasks for ep in e["episodes"][t])
+                got["episodes"] += sum(len(e["episodes"][t]) for t in args.tasks)
         out[cell_name(cell)] = {**cell, "seeds": sorted(r["seed"] for r in done), "successes": k, "episodes": n,
                                 "success": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)],
+                                "by_eval_seed": dict(sorted(by_eval.items(), key=lambda kv: int(kv[0]))),
                                 "per_task": {t: round(sum(v) / len(v), 4) for t, v in per_task.items() if v},
-                                "zero_shot": {t: statistics.mean(r["success"][t] for r in done)
+                                "zero_shot": {t: statistics.mean(e["success"][t] for e in evals)
                                               for t in args.eval_only_tasks},
                                 "act_ms": statistics.median(r["act_ms"] for r in done),
                                 "train_seconds": round(statistics.mean(r["train_seconds"] for r in done), 1),
@@ -160,33 +187,40 @@ REFERENCE = "cvae-full-cotrain_off-aug_off"  # today's recipe: every other cell 
 def add_reference(summary: dict[str, Any], runs: dict[str, dict], tasks: list[str]) -> None:
     """Each cell against the reference cell on the same layouts (every cell is evaluated on the same seeded
     episodes): the difference with Newcombe's interval and the paired counts (episodes only this cell solved, only the
-    reference solved), over the seeds both have."""
+    reference solved), over the (training seed, evaluation seed) pairs both have."""
     if REFERENCE not in summary:
         return
 
-    def outcomes(name: str, seeds: list[int]) -> list[bool]:
+    def evals(name: str) -> dict[tuple[int, int], dict]:
         cell = summary[name]
-        by_seed = {r["seed"]: r for r in runs.values() if all(r[a] == cell[a] for a in AXES)}
-        return [bool(ep["success"]) for s in seeds for t in tasks for ep in by_seed[s]["episodes"][t]]
+        return {(r["seed"], es): e for r in runs.values() if all(r[a] == cell[a] for a in AXES)
+                for es, e in evals_of(r).items()}
 
+    def outcomes(by_key: dict, keys: list) -> list[bool]:
+        return [bool(ep["success"]) for key in keys for t in tasks for ep in by_key[key]["episodes"][t]]
+
+    reference = evals(REFERENCE)
     for name, cell in summary.items():
         if name == REFERENCE:
             continue
-        seeds = sorted(set(cell["seeds"]) & set(summary[REFERENCE]["seeds"]))
-        if not seeds:
+        own = evals(name)
+        keys = sorted(set(own) & set(reference))
+        if not keys:
             continue
-        mine, ref = outcomes(name, seeds), outcomes(REFERENCE, seeds)
+        seeds = sorted({s for s, _ in keys})
+        mine, ref = outcomes(own, keys), outcomes(reference, keys)
         k1, k2, n = sum(mine), sum(ref), len(mine)
         lo, hi = newcombe(k1, n, k2, n)
-        cell["vs_reference"] = {"reference": REFERENCE, "seeds": seeds, "difference": round((k1 - k2) / n, 4),
+        cell["vs_reference"] = {"reference": REFERENCE, "seeds": seeds,
+                                "eval_seeds": sorted({es for _, es in keys}), "difference": round((k1 - k2) / n, 4),
                                 "ci95": [round(lo, 4), round(hi, 4)],
                                 "only_this": sum(a and not b for a, b in zip(mine, ref)),
                                 "only_reference": sum(b and not a for a, b in zip(mine, ref))}
 
 
 def table(summary: dict[str, Any]) -> str:
-    rows = ["| head | adapt | co-training | augment | success (95% CI) | vs cvae/full (95% CI; only this / only "
-            "cvae) | act ms | train s | trainable |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| head | adapt | co-training | augment | success (95% CI) | by eval seed | vs cvae/full (95% CI; only this "
+            "/ only cvae) | act ms | train s | trainable |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
         ref, vs = s.get("vs_reference"), "reference" if cell_name(s) == REFERENCE else ""
         if ref:
@@ -194,7 +228,9 @@ def table(summary: dict[str, Any]) -> str:
                   f"{ref['only_this']} / {ref['only_reference']}")
         rows.append(f"| {s['head']} | {s['adapt']} | {s['cotrain']} | {s['augment']} | "
                     f"{100 * s['success']:.0f}% [{100 * s['ci95'][0]:.0f}, {100 * s['ci95'][1]:.0f}] "
-                    f"({s['successes']}/{s['episodes']}) | {vs} | {s['act_ms']:.1f} | {s['train_seconds']:.0f} | "
+                    f"({s['successes']}/{s['episodes']}) | "
+                    f"{', '.join('{successes}/{episodes}'.format(**e) for e in s['by_eval_seed'].values())} | "
+                    f"{vs} | {s['act_ms']:.1f} | {s['train_seconds']:.0f} | "
                     f"{s['trainable_params']:,} |")
     return "\n".join(rows) + "\n"
 
@@ -239,6 +275,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                          ("--latency-repeats", args.latency_repeats)):
             if v < 1:
                 raise InputError(f"{field}: must be >= 1, got {v}")
+        if EVAL_SEED not in args.eval_seeds or len(set(args.eval_seeds)) != len(args.eval_seeds):
+            raise InputError(f"--eval-seeds: must list {EVAL_SEED} (gr experiment's layouts) and no seed twice, got "
+                             f"{args.eval_seeds}")
         base, spec, data = prepare(args, argv)
     except InputError as exc:
         print(f"gr experiment-grid: error: {exc}", file=sys.stderr)
@@ -257,22 +296,40 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results.setdefault("sessions", []).append({**base["sessions"][-1], "cells": [cell_name(c) for c in cells(args)]})
     results["grid"] = {"axes": {a: getattr(args, {"head": "heads"}.get(a, a)) for a in AXES},
                        "lora_rank": args.lora_rank, "code_shift": args.code_shift,
-                       "cotrain": {"shards": args.cotrain_shards, "weight": args.cotrain_weight}}
+                       "cotrain": {"shards": args.cotrain_shards, "weight": args.cotrain_weight},
+                       "eval_seeds": args.eval_seeds}
     wall_before = results["wall_seconds"]
-    plan = [(c, s) for s in args.seeds for c in cells(args)]
-    todo = [(c, s) for c, s in plan if f"{cell_name(c)}_s{s}" not in results["runs"]]
-    with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="cells", unit="cell") as bar:
-        for cell, seed in todo:
+    plan = [(c, s, f"{cell_name(c)}_s{s}") for s in args.seeds for c in cells(args)]
+
+    def missing(run: dict) -> list[int]:
+        return [es for es in args.eval_seeds if es not in evals_of(run)]
+
+    for name in [name for _, _, name in plan if name in results["runs"]]:
+        run = results["runs"][name]
+        if missing(run) and not os.path.exists(run["checkpoint"]):  # refuse before any work, not halfway
+            print(f"gr experiment-grid: error: --eval-seeds: run {name} lacks evaluation seeds {missing(run)} and its "
+                  f"checkpoint is missing: {run['checkpoint']}", file=sys.stderr)
+            raise SystemExit(2)
+
+    def save() -> None:
+        results["summary"] = summarize(results["runs"], args)
+        results["wall_seconds"] = round(wall_before + time.time() - t0, 1)
+        save_json(path, results)
+
+    with tqdm(total=len(plan), desc="cells", unit="cell") as bar:
+        for cell, seed, name in plan:
             bar.set_postfix(cell=cell_name(cell), seed=seed)
-            results["runs"][f"{cell_name(cell)}_s{seed}"] = {**run_cell(args, spec, data, cell, seed),
-                                                             "session": len(results["sessions"]) - 1}
-            results["summary"] = summarize(results["runs"], args)
-            results["wall_seconds"] = round(wall_before + time.time() - t0, 1)
-            save_json(path, results)
+            if name not in results["runs"]:
+                results["runs"][name] = {**run_cell(args, spec, data, cell, seed),
+                                         "session": len(results["sessions"]) - 1}
+                save()
+            run = results["runs"][name]
+            for es in missing(run):
+                run.setdefault("extra_evals", {})[str(es)] = {**extra_eval(args, run, es),
+                                                              "session": len(results["sessions"]) - 1}
+                save()
             bar.update(1)
-    results["summary"] = summarize(results["runs"], args)
-    results["wall_seconds"] = round(wall_before + time.time() - t0, 1)
-    save_json(path, results)
+    save()
     with open(os.path.join(args.out, "grid.md"), "w") as f:
         f.write(table(results["summary"]))
     plot(results["summary"], os.path.join(args.out, "grid.png"))

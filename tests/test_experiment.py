@@ -225,9 +225,10 @@ def test_reuse_scratch_takes_matching_arms_only(finished, tiny_setup, tmp_path, 
     assert trained == ["pretrained"]  # no refused run trained anything
 
 
-def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path):
+def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path, monkeypatch, capsys):
     """Two cells of the grid (the tokens head, fully finetuned and with LoRA, both with code-shift augmentation) on
-    the experiment's data: both train, run closed loop, and report success, latency and trainable parameters."""
+    the experiment's data: both train, run closed loop, and report success, latency and trainable parameters; a
+    second invocation adds an evaluation seed to both from their checkpoints, without retraining."""
     out = tmp_path / "grid"
     grid_args = ["--pretrained", tiny_setup["pretrained"], "--pretrain-includes-target-tasks", "no", "--config",
                  tiny_setup["config"], "--steps", "2", "--tasks", TASK, "--eval-only-tasks", ZERO_SHOT, "--demos",
@@ -257,6 +258,28 @@ def test_experiment_grid_two_cells_end_to_end(finished, tiny_setup, tmp_path):
     with pytest.raises(SystemExit):  # more cells in the same folder must keep the budget the runs had
         gr_main(["experiment-grid", *grid_args[:steps], "3", *grid_args[steps + 1:], "--heads", "cvae"])
 
+    import gr.experiment_grid
+
+    cells = ["--heads", "tokens", "--adapt", "full", "lora", "--augment", "on"]
+    monkeypatch.setattr(gr.experiment_grid, "train_arm", lambda *a, **k: pytest.fail("retrained a finished cell"))
+    gr_main(["experiment-grid", *grid_args, *cells, "--eval-seeds", "0", "3"])
+    again = json.load(open(out / "grid.json"))
+    for name, run in again["runs"].items():
+        first, extra = run["episodes"][TASK], run["extra_evals"]["3"]["episodes"][TASK]
+        assert first == grid["runs"][name]["episodes"][TASK] and len(extra) == 1
+        assert {e["seed"] for e in extra}.isdisjoint({e["seed"] for e in first})  # other layouts
+    s = again["summary"]["tokens-lora-cotrain_off-aug_on"]
+    assert s["episodes"] == 2 and list(s["by_eval_seed"]) == ["0", "3"]
+    capsys.readouterr()
+    for seeds, message in ((["3"], "--eval-seeds: must list 0"), (["0", "5"], "checkpoint is missing: ")):
+        if seeds == ["0", "5"]:
+            os.rename(lora["checkpoint"], lora["checkpoint"] + ".moved")
+        with pytest.raises(SystemExit) as exc:
+            gr_main(["experiment-grid", *grid_args, *cells, "--eval-seeds", *seeds])
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert exc.value.code == 2 and len(lines) == 1 and message in lines[0]
+    assert lora["checkpoint"] in lines[0]
+
 
 def test_grid_summary_covers_runs_of_earlier_invocations(tmp_path):
     """Cells that an earlier invocation (other --heads/--adapt values) wrote to the same --out stay in the summary and
@@ -272,18 +295,28 @@ def test_grid_summary_covers_runs_of_earlier_invocations(tmp_path):
 
     runs = {"flow-lora": run("flow", "lora", [1, 1, 0, 0]), "cvae-full": run("cvae", "full", [1, 0, 0, 0]),
             "tokens-full": run("tokens", "full", [1, 1, 1, 0])}
+    # a second evaluation seed for the reference and flow, not for tokens (compared on the layouts both have)
+    for name, successes in (("cvae-full", [1, 1, 0, 0]), ("flow-lora", [1, 1, 1, 0])):
+        runs[name]["extra_evals"] = {"1": {k: v for k, v in run("", "", successes).items()
+                                           if k in ("success", "episodes")}}
     args = SimpleNamespace(heads=["tokens"], adapt=["full"], cotrain=["off"], augment=["off"], tasks=[TASK],
                            eval_only_tasks=[ZERO_SHOT])  # the latest invocation asked for one cell only
     summary = summarize(runs, args)
     assert list(summary) == ["cvae-full-cotrain_off-aug_off", "flow-lora-cotrain_off-aug_off",
                              "tokens-full-cotrain_off-aug_off"]
-    assert [s["successes"] for s in summary.values()] == [1, 2, 3]
+    assert [s["successes"] for s in summary.values()] == [3, 5, 3]
+    assert [s["episodes"] for s in summary.values()] == [8, 8, 4]
+    assert summary["flow-lora-cotrain_off-aug_off"]["by_eval_seed"] == {"0": {"successes": 2, "episodes": 4},
+                                                                        "1": {"successes": 3, "episodes": 4}}
     # against the reference cell (cvae, full, off, off), episode by episode on the same layouts
     assert "vs_reference" not in summary["cvae-full-cotrain_off-aug_off"]
     flow = summary["flow-lora-cotrain_off-aug_off"]["vs_reference"]
-    assert (flow["difference"], flow["only_this"], flow["only_reference"]) == (0.25, 1, 0)
+    assert (flow["difference"], flow["only_this"], flow["only_reference"], flow["eval_seeds"]) == (0.25, 2, 0, [0, 1])
     assert flow["ci95"][0] < 0.25 < flow["ci95"][1]
-    assert "| +50 [" in table(summary) and "; 2 / 0 |" in table(summary) and "| reference |" in table(summary)
+    tokens = summary["tokens-full-cotrain_off-aug_off"]["vs_reference"]  # evaluation seed 0 only
+    assert (tokens["difference"], tokens["only_this"], tokens["only_reference"]) == (0.5, 2, 0)
+    assert "| +25 [" in table(summary) and "; 2 / 0 |" in table(summary) and "| reference |" in table(summary)
+    assert "| 2/4, 3/4 |" in table(summary) and "| 3/4 |" in table(summary)
     assert table(summary).count("\n") == 2 + 3
     plot(summary, str(tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 1000
