@@ -176,9 +176,8 @@ def test_finetune_survives_five_sigkills(robot_shards, tmp_path):
         return str(path)
 
     ref, chain = tmp_path / "ref", tmp_path / "chain"
-    run_with_kills("finetune.py", config(ref, 12), str(ref / "checkpoints"), [])  # 72 windows / 8: epoch = 9 steps
-    steps = kill_steps(1, 12, 5)
-    run_with_kills("finetune.py", config(chain, 12), str(chain / "checkpoints"), steps)
+    steps = kill_steps(1, 12, 5)  # 72 windows / 8: epoch = 9 steps
+    run_with_kills("finetune.py", config(chain, 12), str(chain / "checkpoints"), steps, beside=config(ref, 12))
     want, got = logged_losses(str(ref)), logged_losses(str(chain))
     assert sorted(got) == list(range(1, 13))
     # float32 kernels on a shared CPU may differ in the last bit (as in the pretraining resume test); a replayed

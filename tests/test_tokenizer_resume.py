@@ -71,9 +71,8 @@ def test_tokenizer_fit_survives_five_sigkills(synthetic_shards, tmp_path):
         return path, root
 
     (ref_cfg, ref), (chain_cfg, chain) = config("ref"), config("chain")
-    run_with_kills("train.py", ref_cfg, str(ref / "checkpoints"), [])
     steps = kill_steps(2, 10, 5)
-    run_with_kills("train.py", chain_cfg, str(chain / "checkpoints"), steps)
+    run_with_kills("train.py", chain_cfg, str(chain / "checkpoints"), steps, beside=str(ref_cfg))
     want = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=True)
     got = torch.load(chain / "checkpoints" / "last.ckpt", weights_only=True)
     assert want["global_step"] == got["global_step"] == 10 and got["state_dict"].keys() == want["state_dict"].keys()

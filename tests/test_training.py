@@ -123,9 +123,8 @@ def test_five_sigkills_then_resume_match_the_uninterrupted_run(token_shards, tin
         return str(path), root
 
     (ref_cfg, ref_root), (chain_cfg, chain_root) = config("ref"), config("chain")
-    run_with_kills("train.py", ref_cfg, os.path.join(ref_root, "checkpoints"), [])
     steps = kill_steps(0, 12, 5)
-    run_with_kills("train.py", chain_cfg, os.path.join(chain_root, "checkpoints"), steps)
+    run_with_kills("train.py", chain_cfg, os.path.join(chain_root, "checkpoints"), steps, beside=ref_cfg)
     want, got = logged_losses(ref_root), logged_losses(chain_root)
     assert sorted(got) == list(range(1, 13)) and sum(len(v) for v in got.values()) >= 12
     # Exact in an idle run; under concurrent load oneDNN/BLAS may differ in the last float32 bit (seen: 7e-8 rel).
