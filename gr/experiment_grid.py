@@ -184,12 +184,17 @@ def summarize(runs: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]
 REFERENCE = "cvae-full-cotrain_off-aug_off"  # today's recipe: every other cell changes one or more axes from it
 
 
+def head_base(head: str) -> str:
+    """A head's own base cell (full finetune, no co-training, no augmentation): what LoRA, co-training and augmentation
+    are measured against for that head."""
+    return f"{head}-full-cotrain_off-aug_off"
+
+
 def add_reference(summary: dict[str, Any], runs: dict[str, dict], tasks: list[str]) -> None:
-    """Each cell against the reference cell on the same layouts (every cell is evaluated on the same seeded
-    episodes): the difference with Newcombe's interval and the paired counts (episodes only this cell solved, only the
-    reference solved), over the (training seed, evaluation seed) pairs both have."""
-    if REFERENCE not in summary:
-        return
+    """Each cell against the reference cell (`vs_reference`) and against its head's base cell (`vs_head_base`) on the
+    same layouts (every cell is evaluated on the same seeded episodes): the difference with Newcombe's interval and
+    the paired counts (episodes only this cell solved, only the other solved), over the (training seed, evaluation
+    seed) pairs both have."""
 
     def evals(name: str) -> dict[tuple[int, int], dict]:
         cell = summary[name]
@@ -199,39 +204,47 @@ def add_reference(summary: dict[str, Any], runs: dict[str, dict], tasks: list[st
     def outcomes(by_key: dict, keys: list) -> list[bool]:
         return [bool(ep["success"]) for key in keys for t in tasks for ep in by_key[key]["episodes"][t]]
 
-    reference = evals(REFERENCE)
-    for name, cell in summary.items():
-        if name == REFERENCE:
-            continue
-        own = evals(name)
-        keys = sorted(set(own) & set(reference))
+    def paired(name: str, other: str) -> Optional[dict[str, Any]]:
+        if other not in summary or other == name:
+            return None
+        own, theirs = evals(name), evals(other)
+        keys = sorted(set(own) & set(theirs))
         if not keys:
-            continue
-        seeds = sorted({s for s, _ in keys})
-        mine, ref = outcomes(own, keys), outcomes(reference, keys)
+            return None
+        mine, ref = outcomes(own, keys), outcomes(theirs, keys)
         k1, k2, n = sum(mine), sum(ref), len(mine)
         lo, hi = newcombe(k1, n, k2, n)
-        cell["vs_reference"] = {"reference": REFERENCE, "seeds": seeds,
-                                "eval_seeds": sorted({es for _, es in keys}), "difference": round((k1 - k2) / n, 4),
-                                "ci95": [round(lo, 4), round(hi, 4)],
-                                "only_this": sum(a and not b for a, b in zip(mine, ref)),
-                                "only_reference": sum(b and not a for a, b in zip(mine, ref))}
+        return {"reference": other, "seeds": sorted({s for s, _ in keys}),
+                "eval_seeds": sorted({es for _, es in keys}), "difference": round((k1 - k2) / n, 4),
+                "ci95": [round(lo, 4), round(hi, 4)], "only_this": sum(a and not b for a, b in zip(mine, ref)),
+                "only_reference": sum(b and not a for a, b in zip(mine, ref))}
+
+    for name, cell in summary.items():
+        for key, other in (("vs_reference", REFERENCE), ("vs_head_base", head_base(cell["head"]))):
+            got = paired(name, other)
+            if got:
+                cell[key] = got
+
+
+def _vs(s: dict[str, Any], key: str, other: str) -> str:
+    ref = s.get(key)
+    if not ref:
+        return "reference" if cell_name(s) == other else ""
+    return (f"{100 * ref['difference']:+.0f} [{100 * ref['ci95'][0]:+.0f}, {100 * ref['ci95'][1]:+.0f}]; "
+            f"{ref['only_this']} / {ref['only_reference']}")
 
 
 def table(summary: dict[str, Any]) -> str:
     rows = ["| head | adapt | co-training | augment | success (95% CI) | by eval seed | vs cvae/full (95% CI; only this "
-            "/ only cvae) | act ms | train s | trainable |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "/ only cvae) | vs same head, full (95% CI; only this / only base) | act ms | train s | trainable |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
-        ref, vs = s.get("vs_reference"), "reference" if cell_name(s) == REFERENCE else ""
-        if ref:
-            vs = (f"{100 * ref['difference']:+.0f} [{100 * ref['ci95'][0]:+.0f}, {100 * ref['ci95'][1]:+.0f}]; "
-                  f"{ref['only_this']} / {ref['only_reference']}")
         rows.append(f"| {s['head']} | {s['adapt']} | {s['cotrain']} | {s['augment']} | "
                     f"{100 * s['success']:.0f}% [{100 * s['ci95'][0]:.0f}, {100 * s['ci95'][1]:.0f}] "
                     f"({s['successes']}/{s['episodes']}) | "
                     f"{', '.join('{successes}/{episodes}'.format(**e) for e in s['by_eval_seed'].values())} | "
-                    f"{vs} | {s['act_ms']:.1f} | {s['train_seconds']:.0f} | "
-                    f"{s['trainable_params']:,} |")
+                    f"{_vs(s, 'vs_reference', REFERENCE)} | {_vs(s, 'vs_head_base', head_base(s['head']))} | "
+                    f"{s['act_ms']:.1f} | {s['train_seconds']:.0f} | {s['trainable_params']:,} |")
     return "\n".join(rows) + "\n"
 
 

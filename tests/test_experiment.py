@@ -294,7 +294,7 @@ def test_grid_summary_covers_runs_of_earlier_invocations(tmp_path):
                 "act_ms": 2.0, "train_seconds": 10.0, "trainable_params": 5}
 
     runs = {"flow-lora": run("flow", "lora", [1, 1, 0, 0]), "cvae-full": run("cvae", "full", [1, 0, 0, 0]),
-            "tokens-full": run("tokens", "full", [1, 1, 1, 0])}
+            "tokens-full": run("tokens", "full", [1, 1, 1, 0]), "flow-full": run("flow", "full", [0, 0, 0, 1])}
     # a second evaluation seed for the reference and flow, not for tokens (compared on the layouts both have)
     for name, successes in (("cvae-full", [1, 1, 0, 0]), ("flow-lora", [1, 1, 1, 0])):
         runs[name]["extra_evals"] = {"1": {k: v for k, v in run("", "", successes).items()
@@ -302,10 +302,10 @@ def test_grid_summary_covers_runs_of_earlier_invocations(tmp_path):
     args = SimpleNamespace(heads=["tokens"], adapt=["full"], cotrain=["off"], augment=["off"], tasks=[TASK],
                            eval_only_tasks=[ZERO_SHOT])  # the latest invocation asked for one cell only
     summary = summarize(runs, args)
-    assert list(summary) == ["cvae-full-cotrain_off-aug_off", "flow-lora-cotrain_off-aug_off",
-                             "tokens-full-cotrain_off-aug_off"]
-    assert [s["successes"] for s in summary.values()] == [3, 5, 3]
-    assert [s["episodes"] for s in summary.values()] == [8, 8, 4]
+    assert list(summary) == ["cvae-full-cotrain_off-aug_off", "flow-full-cotrain_off-aug_off",
+                             "flow-lora-cotrain_off-aug_off", "tokens-full-cotrain_off-aug_off"]
+    assert [s["successes"] for s in summary.values()] == [3, 1, 5, 3]
+    assert [s["episodes"] for s in summary.values()] == [8, 4, 8, 4]
     assert summary["flow-lora-cotrain_off-aug_off"]["by_eval_seed"] == {"0": {"successes": 2, "episodes": 4},
                                                                         "1": {"successes": 3, "episodes": 4}}
     # against the reference cell (cvae, full, off, off), episode by episode on the same layouts
@@ -317,7 +317,14 @@ def test_grid_summary_covers_runs_of_earlier_invocations(tmp_path):
     assert (tokens["difference"], tokens["only_this"], tokens["only_reference"]) == (0.5, 2, 0)
     assert "| +25 [" in table(summary) and "; 2 / 0 |" in table(summary) and "| reference |" in table(summary)
     assert "| 2/4, 3/4 |" in table(summary) and "| 3/4 |" in table(summary)
-    assert table(summary).count("\n") == 2 + 3
+    # and against its own head's base cell (full finetune, off, off): flow + LoRA vs flow, on seed 0 (flow's only one)
+    base = summary["flow-lora-cotrain_off-aug_off"]["vs_head_base"]
+    assert (base["reference"], base["difference"], base["only_this"], base["only_reference"], base["eval_seeds"]) == (
+        "flow-full-cotrain_off-aug_off", 0.25, 2, 1, [0])
+    assert not any("vs_head_base" in summary[n] for n in ("flow-full-cotrain_off-aug_off",
+                                                          "tokens-full-cotrain_off-aug_off"))
+    assert "; 2 / 1 |" in table(summary)
+    assert table(summary).count("\n") == 2 + 4
     plot(summary, str(tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 1000
 
