@@ -4,9 +4,9 @@ loop on the same seeded layouts as `gr experiment` (gr/experiment.py supplies th
 
 Per cell it reports closed-loop success (per task, and the mean with a Wilson 95% interval over every episode of
 every training seed and evaluation seed; `--eval-seeds 0 1` adds a second set of layouts, also to cells already in
---out, from their checkpoints), the action latency of `GRPolicy.act` on the trained checkpoint (median ms, batch 1, this machine),
-training time and trainable parameters. `<out>/grid.json` is written after every run (a restart skips finished
-runs); `<out>/grid.md` holds the table and `<out>/grid.png` the plot.
+--out, from their checkpoints), the action latency of `GRPolicy.act` on the trained checkpoint (median ms, batch 1,
+this machine), training time and trainable parameters. `<out>/grid.json` is written after every run (a restart
+skips finished runs); `<out>/grid.md` holds the table and `<out>/grid.png` the plot.
 
     gr experiment-grid --pretrained outputs/demo/pretrain/checkpoints/last.ckpt --pretrain-includes-target-tasks yes \\
         --heads cvae flow diffusion tokens --adapt full lora --cotrain off on --augment off on \\
@@ -158,21 +158,20 @@ def summarize(runs: dict[str, dict], args: argparse.Namespace) -> dict[str, Any]
     out = {}
     for cell in run_cells(runs):
         done = [r for r in runs.values() if all(r[a] == cell[a] for a in AXES)]
-        evals = [e for r in done for e in evals_of(r).values()]  # every training seed x evaluation seed
-        per_task = {t: [ep["success"] for e in evals for ep in e["episodes"][t]] for t in args.tasks}
+        evals = [(es, e) for r in done for es, e in evals_of(r).items()]  # every training seed x evaluation seed
+        per_task = {t: [ep["success"] for _, e in evals for ep in e["episodes"][t]] for t in args.tasks}
         k, n = sum(sum(v) for v in per_task.values()), sum(len(v) for v in per_task.values())
         lo, hi = wilson(k, n)
         by_eval = {}
-        for r in done:
-            for es, e in evals_of(r).items():
-                got = by_eval.setdefault(str(es), {"successes": 0, "episodes": 0})
-                got["successes"] += sum(ep["success"] for t in args.tasks for ep in e["episodes"][t])
-                got["episodes"] += sum(len(e["episodes"][t]) for t in args.tasks)
+        for es, e in sorted(evals, key=lambda x: x[0]):
+            got = by_eval.setdefault(str(es), {"successes": 0, "episodes": 0})
+            got["successes"] += sum(ep["success"] for t in args.tasks for ep in e["episodes"][t])
+            got["episodes"] += sum(len(e["episodes"][t]) for t in args.tasks)
         out[cell_name(cell)] = {**cell, "seeds": sorted(r["seed"] for r in done), "successes": k, "episodes": n,
                                 "success": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)],
-                                "by_eval_seed": dict(sorted(by_eval.items(), key=lambda kv: int(kv[0]))),
+                                "by_eval_seed": by_eval,
                                 "per_task": {t: round(sum(v) / len(v), 4) for t, v in per_task.items() if v},
-                                "zero_shot": {t: statistics.mean(e["success"][t] for e in evals)
+                                "zero_shot": {t: statistics.mean(e["success"][t] for _, e in evals)
                                               for t in args.eval_only_tasks},
                                 "act_ms": statistics.median(r["act_ms"] for r in done),
                                 "train_seconds": round(statistics.mean(r["train_seconds"] for r in done), 1),
@@ -235,8 +234,8 @@ def _vs(s: dict[str, Any], key: str, other: str) -> str:
 
 
 def table(summary: dict[str, Any]) -> str:
-    rows = ["| head | adapt | co-training | augment | success (95% CI) | by eval seed | vs cvae/full (95% CI; only this "
-            "/ only cvae) | vs same head, full (95% CI; only this / only base) | act ms | train s | trainable |",
+    rows = ["| head | adapt | co-training | augment | success (95% CI) | by eval seed | vs cvae/full (95% CI; only "
+            "this / only cvae) | vs same head, full (95% CI; only this / only base) | act ms | train s | trainable |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
         rows.append(f"| {s['head']} | {s['adapt']} | {s['cotrain']} | {s['augment']} | "
